@@ -1,0 +1,26 @@
+"""scrapy-resilience: keep long Scrapy crawls alive on a flaky web.
+
+Enable everything with ``ADDONS = {"scrapy_resilience.Addon": 500}``.
+"""
+
+from scrapy_resilience.addon import Addon
+from scrapy_resilience.downloadermiddlewares.circuitbreaker import (
+    AttemptObserverMiddleware,
+    CircuitBreakerMiddleware,
+)
+from scrapy_resilience.downloadermiddlewares.retry import BackoffRetryMiddleware, get_retry_request
+from scrapy_resilience.exceptions import CircuitOpenError, ContentRejectedError, InvalidSettingError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Addon",
+    "AttemptObserverMiddleware",
+    "BackoffRetryMiddleware",
+    "CircuitBreakerMiddleware",
+    "CircuitOpenError",
+    "ContentRejectedError",
+    "InvalidSettingError",
+    "__version__",
+    "get_retry_request",
+]

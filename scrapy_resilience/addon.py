@@ -1,0 +1,82 @@
+"""The Scrapy add-on that enables the whole bundle with one line::
+
+ADDONS = {"scrapy_resilience.Addon": 500}
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from scrapy.downloadermiddlewares.retry import RetryMiddleware
+
+from scrapy_resilience.downloadermiddlewares.circuitbreaker import (
+    AttemptObserverMiddleware,
+    CircuitBreakerMiddleware,
+)
+from scrapy_resilience.downloadermiddlewares.retry import BackoffRetryMiddleware
+from scrapy_resilience.exceptions import InvalidSettingError
+from scrapy_resilience.settings import load_config
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+logger = logging.getLogger(__name__)
+
+#: After Scrapy's downloader OffsiteMiddleware (50), before RobotsTxtMiddleware
+#: (100), so a request for an unavailable domain never waits in the downloader.
+ADMISSION_PRIORITY = 75
+#: Where Scrapy's RetryMiddleware sits, before MetaRefresh (580) and Redirect (600).
+RETRY_PRIORITY = 550
+#: Nearest the download handler, after HttpCacheMiddleware (900), so every
+#: attempt that reaches the handler is seen first and exactly once.
+OBSERVER_PRIORITY = 990
+
+
+class Addon:
+    """Enable the circuit breaker, the backoff retry and the request hold at
+    fixed priorities, in place of Scrapy's ``RetryMiddleware``."""
+
+    def update_settings(self, settings: BaseSettings) -> None:
+        # Validate everything now, so a bad value stops the crawl before it starts.
+        config = load_config(settings)
+        self._check_autothrottle(settings, config.throttle_enabled)
+
+        middlewares = "DOWNLOADER_MIDDLEWARES"
+        settings.set_in_component_priority_dict(middlewares, RetryMiddleware, None)
+        settings.set_in_component_priority_dict(
+            middlewares, CircuitBreakerMiddleware, ADMISSION_PRIORITY
+        )
+        settings.set_in_component_priority_dict(middlewares, BackoffRetryMiddleware, RETRY_PRIORITY)
+        settings.set_in_component_priority_dict(
+            middlewares, AttemptObserverMiddleware, OBSERVER_PRIORITY
+        )
+
+        self._warn_memusage(settings, config.memory_limit_mb, config.memory_enabled)
+
+    @staticmethod
+    def _check_autothrottle(settings: BaseSettings, throttle_enabled: bool) -> None:
+        if settings.getbool("AUTOTHROTTLE_ENABLED") and throttle_enabled:
+            raise InvalidSettingError(
+                "AUTOTHROTTLE_ENABLED",
+                True,
+                "Scrapy's AutoThrottle and the bundle's adaptive throttle would both set delays. "
+                "Set AUTOTHROTTLE_ENABLED = False to use the adaptive throttle, or "
+                "RESILIENCE_THROTTLE_ENABLED = False to keep AutoThrottle.",
+            )
+
+    @staticmethod
+    def _warn_memusage(settings: BaseSettings, limit_mb: float, memory_enabled: bool) -> None:
+        memusage_limit = settings.getint("MEMUSAGE_LIMIT_MB")
+        if not (memory_enabled and settings.getbool("MEMUSAGE_ENABLED") and memusage_limit):
+            return
+        if memusage_limit <= limit_mb:
+            logger.warning(
+                "MEMUSAGE_LIMIT_MB (%(memusage)d) stops the crawl at or below "
+                "RESILIENCE_MEMORY_LIMIT_MB (%(limit)g), before the memory guard lowers "
+                "concurrency; raise MEMUSAGE_LIMIT_MB or set it to 0",
+                {"memusage": memusage_limit, "limit": limit_mb},
+            )
+
+
+__all__ = ["Addon"]

@@ -1,0 +1,1 @@
+"""Pure resilience logic (backoff, header parsing, classification), with no Scrapy imports."""

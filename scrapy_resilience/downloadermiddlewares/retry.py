@@ -1,0 +1,304 @@
+"""Jittered exponential-backoff retry, a compatible replacement for Scrapy's
+``RetryMiddleware``.
+
+Rules:
+
+1. A failure is classified as ``network``, ``timeout``, ``server`` (a status in
+   ``RETRY_HTTP_CODES``), ``throttled`` (429, or 503 with ``Retry-After``) or
+   ``content`` (rejected by ``RESILIENCE_RETRY_CONTENT_CHECK``). Anything else,
+   :exc:`~scrapy.exceptions.IgnoreRequest` included, is passed on untouched.
+2. Each category has its own limit (``RESILIENCE_RETRY_TIMES_BY_CATEGORY``).
+   ``max_retry_times`` in meta, or ``RETRY_TIMES`` when the project sets it,
+   also caps the retries of all categories but ``throttled`` together;
+   ``retry_times`` in meta counts those retries, as in Scrapy.
+3. While a domain has never succeeded, or its circuit is not closed, failures
+   that the circuit counts do not use up retries: the request waits in the
+   hold for the circuit's verdict (a successful probe, or giving up).
+4. A retry of a scheduler-originated request waits in the hold, off the
+   downloader: ``Retry-After`` (capped by ``RESILIENCE_RETRY_AFTER_MAX``) for
+   throttled answers, else the backoff delay.
+5. A request out of retries reaches its errback with its own final failure
+   (the exception, ``HttpError`` for a status, or
+   :exc:`~scrapy_resilience.ContentRejectedError`), with
+   ``resilience_category`` set in its meta.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from logging import Logger, getLevelName
+from typing import TYPE_CHECKING, Any
+
+from scrapy.exceptions import NotConfigured
+from scrapy.settings import SETTINGS_PRIORITIES
+from scrapy.utils.python import global_object_name
+from scrapy.utils.response import response_status_message
+
+from scrapy_resilience.core.circuit import CircuitState
+from scrapy_resilience.core.classify import Category, classify_exception, classify_status
+from scrapy_resilience.core.headers import cap_retry_after, parse_retry_after
+from scrapy_resilience.downloadermiddlewares.circuitbreaker import _load_exception_classes
+from scrapy_resilience.exceptions import ContentRejectedError
+from scrapy_resilience.runtime import Runtime
+from scrapy_resilience.settings import get_bool
+
+if TYPE_CHECKING:
+    from scrapy import Request, Spider
+    from scrapy.crawler import Crawler
+    from scrapy.http import Response
+    from typing_extensions import Self
+
+logger = logging.getLogger(__name__)
+
+#: Meta key of the per-category retry counts; removed before the final
+#: response or failure reaches the spider.
+COUNTS_KEY = "_resilience_retries"
+
+#: Meta key set on a request's final failure: the category of its last failure.
+CATEGORY_KEY = "resilience_category"
+
+CIRCUIT_CATEGORIES = frozenset({Category.NETWORK, Category.TIMEOUT, Category.SERVER})
+
+
+class BackoffRetryMiddleware:
+    """Retry failed downloads after a jittered backoff, per failure category."""
+
+    def __init__(self, crawler: Crawler) -> None:
+        settings = crawler.settings
+        if not settings.getbool("RETRY_ENABLED") or not get_bool(
+            settings, "RESILIENCE_RETRY_ENABLED"
+        ):
+            raise NotConfigured
+        self.crawler = crawler
+        self.runtime = Runtime.of(crawler)
+        self.config = self.runtime.config.retry
+        self.retry_http_codes = frozenset(
+            int(code) for code in settings.getlist("RETRY_HTTP_CODES")
+        )
+        self.extra_network = _load_exception_classes(settings.getlist("RETRY_EXCEPTIONS"))
+        self.priority_adjust = settings.getint("RETRY_PRIORITY_ADJUST")
+        self.give_up_log_level = settings.get("RETRY_GIVE_UP_LOG_LEVEL", "ERROR")
+        explicit = (settings.getpriority("RETRY_TIMES") or 0) > SETTINGS_PRIORITIES["default"]
+        self.max_retry_times: int | None = settings.getint("RETRY_TIMES") if explicit else None
+        self._content_check: Any = None
+
+    @classmethod
+    def from_crawler(cls, crawler: Crawler) -> Self:
+        return cls(crawler)
+
+    def process_response(self, request: Request, response: Response) -> Request | Response:
+        if request.meta.get("dont_retry", False):
+            request.meta.pop(COUNTS_KEY, None)
+            return response
+
+        retry_after = None
+        if response.status in (429, 503):
+            retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
+        category = classify_status(response.status, retry_after is not None, self.retry_http_codes)
+        if category is None and not self._content_accepted(response):
+            category = Category.CONTENT
+        if category is None:
+            request.meta.pop(COUNTS_KEY, None)
+            return response
+
+        if category is Category.THROTTLED and response.status not in self.retry_http_codes:
+            # The project removed this status from RETRY_HTTP_CODES.
+            request.meta.pop(COUNTS_KEY, None)
+            return response
+
+        if retry_after is not None:
+            retry_after = cap_retry_after(retry_after, self.config.retry_after_max)[0]
+        reason = (
+            "content rejected"
+            if category is Category.CONTENT
+            else response_status_message(response.status)
+        )
+        retry = self.retry(request, category, reason, retry_after=retry_after)
+        if retry is not None:
+            return retry
+        if category is Category.CONTENT:
+            raise ContentRejectedError(response)
+        return response
+
+    def process_exception(self, request: Request, exception: Exception) -> Request | None:
+        if request.meta.get("dont_retry", False):
+            request.meta.pop(COUNTS_KEY, None)
+            return None
+        category = classify_exception(exception, self.extra_network)
+        if category is None:
+            request.meta.pop(COUNTS_KEY, None)
+            return None
+        return self.retry(request, category, exception)
+
+    def retry(
+        self,
+        request: Request,
+        category: Category,
+        reason: str | Exception,
+        *,
+        retry_after: float | None = None,
+    ) -> Request | None:
+        """Return a retry of ``request`` that waits in the hold, or None when
+        its retries are used up (then its meta gets ``resilience_category``)."""
+        runtime = self.runtime
+        track = runtime.tracks.get(request)
+        scheduled = track.scheduled if track is not None else runtime.take_bookkeeping(request)
+        key = track.key if track is not None else runtime.domain_key(request)
+        state = runtime.domain(key)
+        counts: dict[str, Any] = dict(request.meta.get(COUNTS_KEY) or {})
+        reason_name = (
+            global_object_name(reason.__class__) if isinstance(reason, Exception) else reason
+        )
+
+        circuit_wait = (
+            scheduled and runtime.circuit_active and self._circuit_decides(state, category)
+        )
+        retry_times = request.meta.get("retry_times", 0)
+        if not circuit_wait:
+            used = counts.get(category.value, 0) + 1
+            counts[category.value] = used
+            if category is not Category.THROTTLED:
+                retry_times += 1
+            if not self._within_limits(request, category, used, retry_times):
+                self._give_up(request, category, reason_name, retry_times)
+                return None
+
+        attempts = counts.get("attempts", 1)
+        counts["attempts"] = attempts + 1
+        if retry_after is not None and category is Category.THROTTLED:
+            delay = retry_after
+        else:
+            delay = self.config.backoff.delay(attempts, runtime.rng, counts.get("delay"))
+        counts["delay"] = delay
+
+        new_request = request.copy()
+        new_request.meta[COUNTS_KEY] = counts
+        new_request.meta["retry_times"] = retry_times
+        new_request.meta.pop(CATEGORY_KEY, None)
+        new_request.dont_filter = True
+        priority_adjust = request.meta.get("priority_adjust", self.priority_adjust)
+        new_request.priority = request.priority + priority_adjust
+
+        stats = runtime.stats
+        stats.inc_value("retry/count")
+        stats.inc_value(f"retry/reason_count/{reason_name}")
+        stats.inc_value(f"resilience/retry/category/{category.value}")
+        if circuit_wait:
+            stats.inc_value("resilience/retry/circuit_wait")
+        if scheduled:
+            runtime.hold_later(new_request, runtime.clock() + delay, "retry")
+            stats.inc_value("resilience/retry/delayed")
+        logger.debug(
+            "Retrying %(request)s in %(delay).2fs (%(category)s, failed %(attempts)d times): %(reason)s",
+            {
+                "request": request,
+                "delay": delay if scheduled else 0.0,
+                "category": category.value,
+                "attempts": attempts,
+                "reason": reason_name,
+            },
+            extra={"spider": self.crawler.spider},
+        )
+        return new_request
+
+    def _circuit_decides(self, state: Any, category: Category) -> bool:
+        circuit = state.circuit
+        undecided = not circuit.proven or circuit.state is not CircuitState.CLOSED
+        counted = category in (Category.NETWORK, Category.TIMEOUT) or (
+            category is Category.SERVER and undecided
+        )
+        return undecided and counted and not circuit.given_up
+
+    def _within_limits(
+        self, request: Request, category: Category, used: int, retry_times: int
+    ) -> bool:
+        if used > self.config.times_by_category[category]:
+            return False
+        if category is Category.THROTTLED:
+            return True
+        cap = request.meta.get("max_retry_times", self.max_retry_times)
+        return cap is None or retry_times <= cap
+
+    def _give_up(self, request: Request, category: Category, reason: str, retry_times: int) -> None:
+        request.meta.pop(COUNTS_KEY, None)
+        request.meta[CATEGORY_KEY] = category.value
+        stats = self.runtime.stats
+        stats.inc_value("retry/max_reached")
+        stats.inc_value(f"resilience/retry/gave_up/{category.value}")
+        level = _log_level(request.meta.get("give_up_log_level", self.give_up_log_level))
+        logger.log(
+            level,
+            "Gave up retrying %(request)s (failed %(retry_times)d times, %(category)s): %(reason)s",
+            {
+                "request": request,
+                "retry_times": retry_times,
+                "category": category.value,
+                "reason": reason,
+            },
+            extra={"spider": self.crawler.spider},
+        )
+
+    def _content_accepted(self, response: Response) -> bool:
+        check = self.config.content_check
+        if check is None:
+            return True
+        if isinstance(check, str):
+            check = getattr(self.crawler.spider, check, None)
+            if check is None:
+                raise AttributeError(
+                    f"RESILIENCE_RETRY_CONTENT_CHECK names the spider method {self.config.content_check!r}, "
+                    "but the spider has no such method."
+                )
+            return bool(check(response))
+        try:
+            return bool(check(response, self.crawler.spider))
+        except TypeError:
+            return bool(check(response))
+
+
+def _log_level(level: int | str) -> int:
+    if isinstance(level, int):
+        return level
+    resolved = getLevelName(str(level).upper())
+    return resolved if isinstance(resolved, int) else logging.ERROR
+
+
+def get_retry_request(
+    request: Request,
+    *,
+    spider: Spider,
+    reason: str | Exception | type[Exception] = "unspecified",
+    max_retry_times: int | None = None,
+    priority_adjust: int | None = None,
+    logger: Logger = logger,
+    give_up_log_level: int | str | None = None,
+    stats_base_key: str = "retry",
+) -> Request | None:
+    """Return a retry of ``request`` made in a spider callback, or None.
+
+    Same signature and counting as :func:`scrapy.downloadermiddlewares.retry.get_retry_request`;
+    the retry it returns waits out the bundle's backoff in the hold (when the
+    bundle is enabled for the spider's crawler) instead of being downloaded at once.
+    """
+    from scrapy.downloadermiddlewares.retry import get_retry_request as scrapy_get_retry_request
+
+    options: dict[str, Any] = {
+        "spider": spider,
+        "reason": reason,
+        "max_retry_times": max_retry_times,
+        "priority_adjust": priority_adjust,
+        "logger": logger,
+        "stats_base_key": stats_base_key,
+    }
+    if give_up_log_level is not None:
+        options["give_up_log_level"] = give_up_log_level
+    new_request = scrapy_get_retry_request(request, **options)
+    runtime = Runtime.find(spider.crawler)
+    if new_request is None or runtime is None:
+        return new_request
+
+    delay = runtime.config.retry.backoff.delay(new_request.meta["retry_times"], runtime.rng)
+    runtime.hold_later(new_request, runtime.clock() + delay, "retry")
+    runtime.stats.inc_value("resilience/retry/delayed")
+    return new_request

@@ -1,0 +1,89 @@
+"""The end-of-crawl report: per-domain detail that does not belong in stats."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from scrapy import Spider
+
+    from scrapy_resilience.runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+STATS_PREFIXES = ("resilience/", "retry/")
+
+
+def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any]:
+    """Return the report as a JSON-friendly dict."""
+    stats = runtime.stats.get_stats()
+    domains: dict[str, Any] = {}
+    for state in runtime.registry:
+        circuit = state.circuit
+        if not (state.attempts or state.held or circuit.given_up or state.rejected):
+            continue
+        domains[state.key] = {
+            "state": circuit.state.value,
+            "given_up": circuit.given_up,
+            "give_up_reason": circuit.give_up_reason,
+            "attempts": state.attempts,
+            "successes": state.successes,
+            "failures": dict(state.failures or {}),
+            "circuit_opened": circuit.times_opened,
+            "rejected": state.rejected,
+            "held_at_close": sum(1 for item in runtime.unfinished if item["domain"] == state.key),
+        }
+    return {
+        "spider": spider.name,
+        "finish_reason": reason,
+        "elapsed_seconds": round(runtime.clock() - runtime.started, 3),
+        "stats": {
+            key: _jsonable(value)
+            for key, value in sorted(stats.items())
+            if key.startswith(STATS_PREFIXES)
+        },
+        "domains": domains,
+        "unfinished": runtime.unfinished,
+    }
+
+
+def report_path(template: str, spider: Spider) -> Path:
+    """Return the report's path; ``%(spider)s`` and ``%(job)s`` are filled in.
+
+    ``%(job)s`` is Scrapyd's job id (the ``SCRAPYD_JOB`` environment variable),
+    or the spider name outside Scrapyd.
+    """
+    job = os.environ.get("SCRAPYD_JOB") or spider.name
+    return Path(template % {"spider": spider.name, "job": job})
+
+
+def write_report(runtime: Runtime, spider: Spider, reason: str) -> None:
+    """Write the report to ``RESILIENCE_REPORT_FILE`` when it is set."""
+    template = runtime.config.report_file
+    if not template:
+        return
+    try:
+        path = report_path(template, spider)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        report = build_report(runtime, spider, reason)
+        path.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    except (OSError, TypeError, ValueError, KeyError) as error:
+        logger.error(
+            "Failed to write the resilience report to %(path)s: %(error)s",
+            {"path": template, "error": error},
+            extra={"spider": spider},
+        )
+        return
+    logger.info(
+        "Wrote the resilience report to %(path)s", {"path": str(path)}, extra={"spider": spider}
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    return str(value)

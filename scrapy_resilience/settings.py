@@ -1,0 +1,330 @@
+"""Default values of the ``RESILIENCE_*`` settings and their validation.
+
+Every setting is read and checked once, at start-up, into a frozen
+:class:`Config`. An invalid value raises
+:exc:`~scrapy_resilience.exceptions.InvalidSettingError` (a ``ValueError``)
+naming the setting, the value and what is allowed, which stops the crawl
+before anything is downloaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from scrapy.utils.misc import load_object
+
+from scrapy_resilience.core.backoff import JITTER_MODES, Backoff
+from scrapy_resilience.core.circuit import CircuitConfig
+from scrapy_resilience.core.classify import Category
+from scrapy_resilience.exceptions import InvalidSettingError
+
+if TYPE_CHECKING:
+    from scrapy.settings import BaseSettings
+
+DEFAULT_TIMES_BY_CATEGORY: dict[str, int] = {
+    Category.NETWORK.value: 3,
+    Category.TIMEOUT.value: 2,
+    Category.SERVER.value: 5,
+    Category.CONTENT.value: 2,
+    Category.THROTTLED.value: 10,
+}
+
+#: Defaults of every ``RESILIENCE_*`` setting; the add-on does not copy them
+#: into the crawler's settings, components read them through :class:`Config`.
+DEFAULTS: dict[str, Any] = {
+    "RESILIENCE_CIRCUIT_ENABLED": True,
+    "RESILIENCE_CIRCUIT_FAILURE_THRESHOLD": 5,
+    "RESILIENCE_CIRCUIT_FAILURE_RATE": 0.8,
+    "RESILIENCE_CIRCUIT_WINDOW": 20,
+    "RESILIENCE_CIRCUIT_MIN_ATTEMPTS": 10,
+    "RESILIENCE_CIRCUIT_OPEN_SECONDS": 60.0,
+    "RESILIENCE_CIRCUIT_OPEN_MAX_SECONDS": 600.0,
+    "RESILIENCE_CIRCUIT_OPEN_JITTER": 0.1,
+    "RESILIENCE_CIRCUIT_HALF_OPEN_PROBES": 1,
+    "RESILIENCE_CIRCUIT_MAX_REOPENS": 3,
+    "RESILIENCE_CIRCUIT_UNPROVEN_SHARE": 0.5,
+    "RESILIENCE_RETRY_ENABLED": True,
+    "RESILIENCE_RETRY_BACKOFF_BASE": 1.0,
+    "RESILIENCE_RETRY_BACKOFF_FACTOR": 2.0,
+    "RESILIENCE_RETRY_BACKOFF_MAX": 60.0,
+    "RESILIENCE_RETRY_JITTER": "equal",
+    "RESILIENCE_RETRY_TIMES_BY_CATEGORY": {},
+    "RESILIENCE_RETRY_AFTER_MAX": 300.0,
+    "RESILIENCE_RETRY_CONTENT_CHECK": None,
+    "RESILIENCE_HOLD_MAX_REQUESTS": 10_000,
+    "RESILIENCE_HOLD_DISK_QUEUE": "scrapy.squeues.PickleFifoDiskQueue",
+    "RESILIENCE_PACE_JITTER": 0.1,
+    "RESILIENCE_REGISTRY_MAX_DOMAINS": 100_000,
+    "RESILIENCE_THROTTLE_ENABLED": True,
+    "RESILIENCE_THROTTLE_MAX_DELAY": 10.0,
+    "RESILIENCE_MEMORY_ENABLED": True,
+    "RESILIENCE_MEMORY_LIMIT_MB": 512,
+    "RESILIENCE_MEMORY_CHECK_INTERVAL": 5.0,
+    "RESILIENCE_HEALTH_ENABLED": True,
+    "RESILIENCE_HEALTH_INTERVAL": 30.0,
+    "RESILIENCE_REPORT_FILE": None,
+}
+
+
+def get(settings: BaseSettings, name: str) -> Any:
+    """Return the value of ``name`` from ``settings``, or its default."""
+    value = settings.get(name)
+    return DEFAULTS[name] if value is None else value
+
+
+def get_bool(settings: BaseSettings, name: str) -> bool:
+    """Return a boolean setting, accepting what Scrapy's ``getbool`` accepts."""
+    value = get(settings, name)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return value.strip().lower() in ("1", "true")
+    raise InvalidSettingError(name, value, "It must be True or False.")
+
+
+def get_int(settings: BaseSettings, name: str, minimum: int, maximum: int | None = None) -> int:
+    """Return an integer setting within ``[minimum, maximum]``."""
+    value = get(settings, name)
+    allowed = f"It must be a whole number of at least {minimum}" + (
+        f" and at most {maximum}." if maximum is not None else "."
+    )
+    try:
+        number = int(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (isinstance(value, float) and not value.is_integer()):
+        raise InvalidSettingError(name, value, allowed)
+    if number < minimum or (maximum is not None and number > maximum):
+        raise InvalidSettingError(name, value, allowed)
+    return number
+
+
+def get_float(
+    settings: BaseSettings,
+    name: str,
+    minimum: float,
+    maximum: float | None = None,
+    *,
+    exclusive_minimum: bool = False,
+) -> float:
+    """Return a finite number setting within the given bounds."""
+    value = get(settings, name)
+    low = f"above {minimum:g}" if exclusive_minimum else f"at least {minimum:g}"
+    high = f" and at most {maximum:g}" if maximum is not None else ""
+    allowed = f"It must be a number {low}{high}."
+    try:
+        number = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        number = math.nan
+    too_low = number <= minimum if exclusive_minimum else number < minimum
+    if not math.isfinite(number) or too_low or (maximum is not None and number > maximum):
+        raise InvalidSettingError(name, value, allowed)
+    return number
+
+
+def _times_by_category(settings: BaseSettings) -> dict[Category, int]:
+    name = "RESILIENCE_RETRY_TIMES_BY_CATEGORY"
+    value = get(settings, name)
+    if hasattr(value, "copy_to_dict"):
+        value = value.copy_to_dict()
+    categories = ", ".join(DEFAULT_TIMES_BY_CATEGORY)
+    allowed = (
+        f"It must be a dict mapping categories ({categories}) to whole numbers of "
+        "at least 0; categories left out keep their defaults "
+        f"{DEFAULT_TIMES_BY_CATEGORY}."
+    )
+    if not isinstance(value, Mapping):
+        raise InvalidSettingError(name, value, allowed)
+
+    merged = dict(DEFAULT_TIMES_BY_CATEGORY)
+    for key, times in value.items():
+        if key not in merged or isinstance(times, bool) or not isinstance(times, int) or times < 0:
+            raise InvalidSettingError(name, value, allowed)
+        merged[key] = times
+    return {Category(key): times for key, times in merged.items()}
+
+
+ContentCheck = Callable[..., Any]
+
+
+def _content_check(settings: BaseSettings) -> ContentCheck | str | None:
+    """Return the content check: a callable, a spider method name or None.
+
+    A string without a dot names a spider method, resolved when the spider is
+    open; a dotted string is an import path, loaded now.
+    """
+    name = "RESILIENCE_RETRY_CONTENT_CHECK"
+    value = get(settings, name)
+    allowed = (
+        "It must be None, a callable taking (response, spider) or (response), "
+        "the import path of one, or the name of a spider method."
+    )
+    if value is None or callable(value):
+        return cast(ContentCheck | None, value)
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidSettingError(name, value, allowed)
+    if "." not in value:
+        if not value.isidentifier():
+            raise InvalidSettingError(name, value, allowed)
+        return value
+    try:
+        loaded = load_object(value)
+    except (ImportError, NameError, ValueError, AttributeError) as error:
+        raise InvalidSettingError(name, value, f"{allowed} Import failed: {error}.") from error
+    if not callable(loaded):
+        raise InvalidSettingError(name, value, allowed)
+    return cast(ContentCheck, loaded)
+
+
+def _jitter_mode(settings: BaseSettings) -> str:
+    name = "RESILIENCE_RETRY_JITTER"
+    value = get(settings, name)
+    if value not in JITTER_MODES:
+        raise InvalidSettingError(
+            name, value, f"It must be one of {', '.join(map(repr, JITTER_MODES))}."
+        )
+    return str(value)
+
+
+def _optional_path(settings: BaseSettings, name: str) -> str | None:
+    value = get(settings, name)
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    if hasattr(value, "__fspath__"):
+        return str(value)
+    raise InvalidSettingError(name, value, "It must be None or a file path.")
+
+
+def _import_path(settings: BaseSettings, name: str) -> type[Any]:
+    value = get(settings, name)
+    try:
+        loaded = load_object(value) if isinstance(value, str) else value
+    except (ImportError, NameError, ValueError, AttributeError) as error:
+        raise InvalidSettingError(
+            name, value, f"It must be an importable class. Import failed: {error}."
+        ) from error
+    if not isinstance(loaded, type):
+        raise InvalidSettingError(name, value, "It must be a class or the import path of one.")
+    return loaded
+
+
+@dataclass(frozen=True)
+class RetryConfig:
+    """Retry settings of the bundle, read from ``RESILIENCE_RETRY_*``."""
+
+    enabled: bool
+    backoff: Backoff
+    times_by_category: dict[Category, int]
+    retry_after_max: float
+    content_check: ContentCheck | str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every ``RESILIENCE_*`` setting, validated."""
+
+    circuit_enabled: bool
+    circuit: CircuitConfig
+    unproven_share: float
+    retry: RetryConfig
+    hold_max_requests: int
+    hold_disk_queue: type[Any]
+    pace_jitter: float
+    registry_max_domains: int
+    throttle_enabled: bool
+    throttle_max_delay: float
+    memory_enabled: bool
+    memory_limit_mb: float
+    memory_check_interval: float
+    health_enabled: bool
+    health_interval: float
+    report_file: str | None
+
+
+def _circuit_config(settings: BaseSettings) -> CircuitConfig:
+    open_seconds = get_float(settings, "RESILIENCE_CIRCUIT_OPEN_SECONDS", 0, exclusive_minimum=True)
+    open_max = get_float(settings, "RESILIENCE_CIRCUIT_OPEN_MAX_SECONDS", 0, exclusive_minimum=True)
+    if open_max < open_seconds:
+        raise InvalidSettingError(
+            "RESILIENCE_CIRCUIT_OPEN_MAX_SECONDS",
+            get(settings, "RESILIENCE_CIRCUIT_OPEN_MAX_SECONDS"),
+            f"It must be at least RESILIENCE_CIRCUIT_OPEN_SECONDS ({open_seconds:g}).",
+        )
+    window = get_int(settings, "RESILIENCE_CIRCUIT_WINDOW", 1)
+    return CircuitConfig(
+        failure_threshold=get_int(settings, "RESILIENCE_CIRCUIT_FAILURE_THRESHOLD", 1),
+        failure_rate=get_float(
+            settings, "RESILIENCE_CIRCUIT_FAILURE_RATE", 0, 1, exclusive_minimum=True
+        ),
+        window=window,
+        min_attempts=get_int(settings, "RESILIENCE_CIRCUIT_MIN_ATTEMPTS", 1, window),
+        open_seconds=open_seconds,
+        open_max_seconds=open_max,
+        open_jitter=get_float(settings, "RESILIENCE_CIRCUIT_OPEN_JITTER", 0, 1),
+        half_open_probes=get_int(settings, "RESILIENCE_CIRCUIT_HALF_OPEN_PROBES", 1),
+        max_reopens=get_int(settings, "RESILIENCE_CIRCUIT_MAX_REOPENS", 1),
+    )
+
+
+def _retry_config(settings: BaseSettings) -> RetryConfig:
+    base = get_float(settings, "RESILIENCE_RETRY_BACKOFF_BASE", 0, exclusive_minimum=True)
+    maximum = get_float(settings, "RESILIENCE_RETRY_BACKOFF_MAX", 0, exclusive_minimum=True)
+    if maximum < base:
+        raise InvalidSettingError(
+            "RESILIENCE_RETRY_BACKOFF_MAX",
+            get(settings, "RESILIENCE_RETRY_BACKOFF_MAX"),
+            f"It must be at least RESILIENCE_RETRY_BACKOFF_BASE ({base:g}).",
+        )
+    backoff = Backoff(
+        base=base,
+        factor=get_float(settings, "RESILIENCE_RETRY_BACKOFF_FACTOR", 1),
+        maximum=maximum,
+        jitter=_jitter_mode(settings),
+    )
+    return RetryConfig(
+        enabled=get_bool(settings, "RESILIENCE_RETRY_ENABLED"),
+        backoff=backoff,
+        times_by_category=_times_by_category(settings),
+        retry_after_max=get_float(settings, "RESILIENCE_RETRY_AFTER_MAX", 0),
+        content_check=_content_check(settings),
+    )
+
+
+def load_config(settings: BaseSettings) -> Config:
+    """Read and validate every ``RESILIENCE_*`` setting.
+
+    Raises :exc:`InvalidSettingError` on the first invalid value.
+    """
+    return Config(
+        circuit_enabled=get_bool(settings, "RESILIENCE_CIRCUIT_ENABLED"),
+        circuit=_circuit_config(settings),
+        unproven_share=get_float(
+            settings, "RESILIENCE_CIRCUIT_UNPROVEN_SHARE", 0, 1, exclusive_minimum=True
+        ),
+        retry=_retry_config(settings),
+        hold_max_requests=get_int(settings, "RESILIENCE_HOLD_MAX_REQUESTS", 1),
+        hold_disk_queue=_import_path(settings, "RESILIENCE_HOLD_DISK_QUEUE"),
+        pace_jitter=get_float(settings, "RESILIENCE_PACE_JITTER", 0, 0.1),
+        registry_max_domains=get_int(settings, "RESILIENCE_REGISTRY_MAX_DOMAINS", 1),
+        throttle_enabled=get_bool(settings, "RESILIENCE_THROTTLE_ENABLED"),
+        throttle_max_delay=get_float(
+            settings, "RESILIENCE_THROTTLE_MAX_DELAY", 0, exclusive_minimum=True
+        ),
+        memory_enabled=get_bool(settings, "RESILIENCE_MEMORY_ENABLED"),
+        memory_limit_mb=get_float(
+            settings, "RESILIENCE_MEMORY_LIMIT_MB", 0, exclusive_minimum=True
+        ),
+        memory_check_interval=get_float(
+            settings, "RESILIENCE_MEMORY_CHECK_INTERVAL", 0, exclusive_minimum=True
+        ),
+        health_enabled=get_bool(settings, "RESILIENCE_HEALTH_ENABLED"),
+        health_interval=get_float(
+            settings, "RESILIENCE_HEALTH_INTERVAL", 0, exclusive_minimum=True
+        ),
+        report_file=_optional_path(settings, "RESILIENCE_REPORT_FILE"),
+    )
