@@ -51,6 +51,7 @@ class Track:
     probe: bool = False
     attempt_started: float | None = None
     latency: float | None = None
+    retry_after: float | None = None
     finished: bool = False
 
 

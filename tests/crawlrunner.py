@@ -25,9 +25,18 @@ from urllib.parse import urlsplit
 import scrapy
 from scrapy import signals
 from scrapy.crawler import CrawlerProcess
-from scrapy.linkextractors import LinkExtractor
 
+from example_project.spiders.docs import build_link_extractor, is_same_origin
 from scrapy_resilience import get_retry_request
+from scrapy_resilience import signals as resilience_signals
+
+RESILIENCE_SIGNALS = (
+    "circuit_opened",
+    "circuit_half_opened",
+    "circuit_closed",
+    "domain_given_up",
+    "memory_pressure_changed",
+)
 
 
 class ProbeSpider(scrapy.Spider):
@@ -37,25 +46,28 @@ class ProbeSpider(scrapy.Spider):
         super().__init__(**kwargs)
         self.spec = spec
         self.record = record
-        self.link_extractor = LinkExtractor()
+        self.link_extractor = build_link_extractor()
         self.retried: set[str] = set()
+        self.in_flight: dict[str, int] = {}
 
     @classmethod
     def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> ProbeSpider:
         spider = super().from_crawler(crawler, *args, **kwargs)
         crawler.signals.connect(spider._sent, signal=signals.request_reached_downloader)
-        crawler.signals.connect(spider._received, signal=signals.response_received)
+        crawler.signals.connect(spider._left, signal=signals.request_left_downloader)
+        crawler.signals.connect(spider._received, signal=signals.response_downloaded)
+        for name in RESILIENCE_SIGNALS:
+            crawler.signals.connect(spider._event_recorder(name), signal=getattr(resilience_signals, name), weak=False)
         return spider
 
     async def start(self) -> Any:
         for entry in self.spec["start"]:
-            if isinstance(entry, str):
-                entry = {"url": entry}
+            options = {"url": entry} if isinstance(entry, str) else entry
             yield scrapy.Request(
-                entry["url"],
-                meta=entry.get("meta", {}),
-                priority=entry.get("priority", 0),
-                dont_filter=entry.get("dont_filter", False),
+                options["url"],
+                meta=options.get("meta", {}),
+                priority=options.get("priority", 0),
+                dont_filter=options.get("dont_filter", False),
                 errback=self.errback,
             )
 
@@ -80,9 +92,8 @@ class ProbeSpider(scrapy.Spider):
             return
         if not self.spec.get("follow"):
             return
-        host = urlsplit(response.url).netloc
         for link in self.link_extractor.extract_links(response):
-            if urlsplit(link.url).netloc == host:
+            if is_same_origin(link.url, response.url):
                 yield response.follow(link.url, errback=self.errback)
 
     def errback(self, failure: Any) -> None:
@@ -98,11 +109,35 @@ class ProbeSpider(scrapy.Spider):
 
     def _sent(self, request: Any, spider: Any) -> None:
         self.record["sent"].append({"url": request.url, "time": time.monotonic()})
+        host = urlsplit(request.url).hostname or ""
+        self.in_flight[host] = self.in_flight.get(host, 0) + 1
+        peaks = self.record["max_in_flight"]
+        peaks[host] = max(peaks.get(host, 0), self.in_flight[host])
+        total = sum(self.in_flight.values())
+        self.record["max_total_in_flight"] = max(self.record["max_total_in_flight"], total)
+
+    def _left(self, request: Any, spider: Any) -> None:
+        host = urlsplit(request.url).hostname or ""
+        self.in_flight[host] -= 1
 
     def _received(self, response: Any, request: Any, spider: Any) -> None:
+        # response_downloaded fires as soon as the handler returns, before any
+        # middleware sees the response: the moment the client received it.
         self.record["received"].append(
             {"url": response.url, "status": response.status, "time": time.monotonic()}
         )
+
+    def _event_recorder(self, name: str) -> Any:
+        def record_event(**kwargs: Any) -> None:
+            kwargs.pop("signal", None)
+            kwargs.pop("sender", None)
+            event = {"signal": name, "time": time.monotonic()}
+            event.update(
+                {key: value for key, value in kwargs.items() if isinstance(value, (str, int, float))}
+            )
+            self.record["events"].append(event)
+
+        return record_event
 
 
 def main(spec_path: str) -> None:
@@ -113,6 +148,9 @@ def main(spec_path: str) -> None:
         "sent": [],
         "received": [],
         "callback_retries": [],
+        "events": [],
+        "max_in_flight": {},
+        "max_total_in_flight": 0,
     }
     settings = {"LOG_LEVEL": "DEBUG", "TELNETCONSOLE_ENABLED": False, **spec["settings"]}
     process = CrawlerProcess(settings, install_root_handler=True)

@@ -61,9 +61,7 @@ class Backoff:
 
         if self.jitter not in JITTER_MODES:
             allowed = ", ".join(repr(mode) for mode in JITTER_MODES)
-            raise ValueError(
-                f"Backoff.jitter must be one of {allowed}, got {self.jitter!r}"
-            )
+            raise ValueError(f"Backoff.jitter must be one of {allowed}, got {self.jitter!r}")
 
     def ceiling(self, failures: int) -> float:
         """Return ``min(maximum, base * factor ** (failures - 1))`` in seconds.
@@ -81,22 +79,22 @@ class Backoff:
         # Find the exponent at which the growth reaches the maximum, in log
         # space, so that a huge count never computes factor ** exponent.
         # Comparing an int with a float is exact in Python and cannot overflow.
-        exponent_at_maximum = math.log(self.maximum / self.base) / math.log(self.factor)
+        # The logs are subtracted, because maximum / base can overflow.
+        headroom = math.log(self.maximum) - math.log(self.base)
+        exponent_at_maximum = headroom / math.log(self.factor)
         if exponent >= exponent_at_maximum:
             return float(self.maximum)
 
         return float(min(self.maximum, self.base * float(self.factor) ** exponent))
 
-    def delay(
-        self, failures: int, rng: random.Random, previous: float | None = None
-    ) -> float:
+    def delay(self, failures: int, rng: random.Random, previous: float | None = None) -> float:
         """Draw the delay in seconds before the next attempt.
 
         The result is in ``[0, maximum]`` for every mode, and in
         ``[base, maximum]`` for ``"decorrelated"``. ``previous`` is the last
-        delay drawn for the same request; only ``"decorrelated"`` reads it,
-        and treats None or a value outside ``[base, maximum]`` as the nearest
-        bound. Raises ValueError when ``failures`` < 1.
+        delay drawn for the same request. Only ``"decorrelated"`` reads it,
+        and it treats None or NaN as ``base`` and clamps other values to
+        ``[base, maximum]``. Raises ValueError when ``failures`` < 1.
         """
         _check_failures(failures)
 
@@ -119,9 +117,7 @@ class Backoff:
     def _decorrelated(self, rng: random.Random, previous: float | None) -> float:
         last = self.base if previous is None or math.isnan(previous) else previous
         last = min(float(self.maximum), max(float(self.base), last))
-        return max(
-            float(self.base), min(self.maximum, rng.uniform(self.base, 3 * last))
-        )
+        return max(float(self.base), min(self.maximum, rng.uniform(self.base, 3 * last)))
 
 
 def _check_failures(failures: int) -> None:

@@ -23,7 +23,7 @@ _IGNORE_REQUEST = "scrapy.exceptions.IgnoreRequest"
 _PLAYWRIGHT_ERRORS = frozenset(
     {
         "playwright._impl._errors.Error",
-        # Playwright before 1.40 defined its errors here.
+        # Older Playwright releases defined their errors in this module.
         "playwright._impl._api_types.Error",
     }
 )
@@ -32,8 +32,8 @@ _PLAYWRIGHT_ERRORS = frozenset(
 class Category(str, enum.Enum):
     """Kind of download failure.
 
-    ``CONTENT`` marks a response that a content check rejected; it is
-    assigned by that check, never by the functions of this module.
+    ``CONTENT`` marks a response that a content check rejected. That check
+    assigns it, and the functions of this module never return it.
     """
 
     NETWORK = "network"
@@ -58,16 +58,17 @@ _TIMEOUT_NAMES = frozenset(
         # NOTE: a crawl that is stopping may also cancel connection attempts.
         "twisted.internet.error.ConnectingCancelledError",
         "builtins.TimeoutError",
-        # asyncio's and concurrent.futures' own classes on Python 3.10; from
-        # 3.11 they are the builtin TimeoutError.
+        # asyncio's and concurrent.futures' own classes on Python 3.10. From
+        # 3.11 both are the builtin TimeoutError.
         "asyncio.exceptions.TimeoutError",
         "concurrent.futures._base.TimeoutError",
         # Playwright's public playwright.async_api.TimeoutError and
         # playwright.sync_api.TimeoutError are these classes.
         "playwright._impl._errors.TimeoutError",
         "playwright._impl._api_types.TimeoutError",
-        # Used by the httpx and aiohttp download handlers if they ever let
-        # one through unwrapped; aiohttp's timeouts subclass the builtin.
+        # Scrapy 2.19's httpx and aiohttp download handlers wrap their errors
+        # in Scrapy's own, and this name catches one that gets through.
+        # aiohttp's timeouts subclass the builtin TimeoutError.
         "httpx._exceptions.TimeoutException",
     }
 )
@@ -95,15 +96,15 @@ _NETWORK_NAMES = frozenset(
         "twisted.web._newclient.ResponseFailed",
         "twisted.web._newclient.RequestTransmissionFailed",
         "twisted.web._newclient.RequestNotSent",
-        # twisted.web.client re-exports the class above; listed in case a
-        # Twisted version defines its own.
+        # twisted.web.client re-exports the class above. Its name is listed
+        # too in case a Twisted version defines a class there.
         "twisted.web.client.ResponseFailed",
         "twisted.web.http._DataLoss",
         "twisted.web.http.PotentialDataLoss",
         # TLS handshake and certificate failures.
         "OpenSSL.SSL.Error",
         # Scrapy retries OSError because HttpCompressionMiddleware raises it
-        # on an empty compressed body; ConnectionError is one of its subclasses.
+        # on an empty compressed body. ConnectionError is an OSError subclass.
         "builtins.ConnectionError",
         "builtins.OSError",
         # Transport errors of the httpx and aiohttp download handlers.
@@ -115,8 +116,8 @@ _NETWORK_NAMES = frozenset(
     }
 )
 
-# Inside the reasons of a Twisted ResponseFailed, a cancellation is the
-# handler's download timeout cancelling the request.
+# Inside the reasons of a Twisted ResponseFailed, a CancelledError counts as a
+# timeout, because download handlers cancel a request in flight on timeout.
 _WRAPPED_TIMEOUT_NAMES = _TIMEOUT_NAMES | {"twisted.internet.defer.CancelledError"}
 
 # Message fragments of Chromium ("net::ERR_...") and Firefox ("NS_ERROR_...")
@@ -175,8 +176,8 @@ def classify_exception(
     neither a known download failure nor an instance of ``extra_network``
     (the caller passes the ``RETRY_EXCEPTIONS`` classes it does not know).
 
-    A timeout wins over a network failure: a known network wrapper, such as
-    Twisted's ``ResponseNeverReceived`` or Scrapy's ``DownloadFailedError``,
+    A timeout wins over a network failure. So a known network wrapper, such
+    as Twisted's ``ResponseNeverReceived`` or Scrapy's ``DownloadFailedError``,
     is a timeout when one of its ``reasons`` or its ``__cause__`` is one.
     """
     names = _mro_names(exc)
@@ -223,8 +224,8 @@ def is_browser_fault(exc: BaseException) -> bool:
 
     These are Playwright's ``TargetClosedError`` and Playwright errors whose
     message reports a crashed target or page, or a closed page, context or
-    browser. Such a failure says nothing about the site, so it must not count
-    against the site's circuit.
+    browser. Such a failure is no evidence that the site failed, so it must
+    not count against the site's circuit.
     """
     names = _mro_names(exc)
     if not names & _PLAYWRIGHT_ERRORS:
@@ -237,9 +238,7 @@ def is_browser_fault(exc: BaseException) -> bool:
 
 
 def _mro_names(exc: BaseException) -> frozenset[str]:
-    return frozenset(
-        f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__
-    )
+    return frozenset(f"{cls.__module__}.{cls.__qualname__}" for cls in type(exc).__mro__)
 
 
 def _classify_browser_message(exc: BaseException) -> Category | None:

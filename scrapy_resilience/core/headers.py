@@ -32,8 +32,9 @@ _MAX_LIST_MEMBERS = 64
 # Header values in log messages are cut to this many characters.
 _LOG_VALUE_LENGTH = 100
 
-# A reset above these values is an epoch timestamp, not a delay: 1e9 seconds
-# is about 31.7 years, and 1e12 is 1e9 seconds in milliseconds.
+# A reset above these values is an epoch timestamp rather than a delay,
+# because no window lasts 1e9 seconds (31.7 years). 1e12 is the same bound in
+# milliseconds.
 _EPOCH_SECONDS_THRESHOLD = 1e9
 _EPOCH_MILLISECONDS_THRESHOLD = 1e12
 
@@ -53,8 +54,8 @@ _TIME_RE = r"(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2}):(?P<second>[0-9]{2})"
 _FLAGS = re.ASCII | re.IGNORECASE
 
 # The three HTTP-date formats of RFC 9110, section 5.6.7. Names are matched
-# case-insensitively and runs of spaces are accepted; the weekday is not
-# checked against the date.
+# case-insensitively, runs of spaces are accepted, and "UTC" may replace "GMT".
+# The weekday is not checked against the date.
 _IMF_FIXDATE_RE = re.compile(
     rf"{_SHORT_DAY_RE}, +(?P<day>[0-9]{{1,2}}) +{_MONTH_RE} +(?P<year>[0-9]{{4}})"
     rf" +{_TIME_RE} +(?:GMT|UTC)",
@@ -93,7 +94,7 @@ def parse_retry_after(value: bytes | str | None, now: float) -> float | None:
             seconds = _parse_http_date_delay(text, now)
 
     if seconds is None:
-        logger.debug("Ignoring invalid Retry-After value %r", value[:_LOG_VALUE_LENGTH])
+        logger.debug("Ignoring invalid Retry-After value %r", _preview(value))
     return seconds
 
 
@@ -106,8 +107,17 @@ def cap_retry_after(seconds: float, maximum: float) -> tuple[float, bool]:
     return min(seconds, maximum), seconds > maximum
 
 
+def _preview(value: object) -> object:
+    """Return the start of a header value for a log message."""
+    if isinstance(value, (bytes, str)):
+        return value[:_LOG_VALUE_LENGTH]
+    return value
+
+
 def _decode(value: bytes | str, max_length: int) -> str | None:
-    if len(value) > max_length:
+    # Callers that pass another type, such as Scrapy's getlist() result, get
+    # None rather than an exception.
+    if not isinstance(value, (bytes, str)) or len(value) > max_length:
         return None
     if isinstance(value, bytes):
         try:
@@ -157,8 +167,8 @@ def _parse_http_date(text: str, now: float) -> float | None:
     if year is None:
         return None
 
-    # A leap second (60) is valid in HTTP-date; datetime rejects it, and one
-    # second early is harmless for a retry delay.
+    # HTTP-date allows a leap second (60), which datetime rejects. Reading it
+    # as 59 makes the delay one second short, which is harmless.
     second = min(int(match["second"]), 59)
     month = _MONTHS.index(match["month"].lower()) + 1
     try:
@@ -230,7 +240,7 @@ def parse_rate_limit(get: HeaderGetter, now: float) -> RateLimit | None:
     A reset is read as a delay in seconds, except that a value above 1e9 is
     an epoch timestamp in seconds and one above 1e12 in milliseconds (GitHub
     and Twitter send epoch seconds). A reset in the past gives 0.0. Decimal
-    counts (Reddit sends ``"598.0"``) are rounded down.
+    counts such as ``"598.0"`` are rounded down.
 
     When a field lists several values, the most restrictive one wins: the
     lowest remaining, with the limit and reset at the same position when the
@@ -259,14 +269,12 @@ def _read_field(get: HeaderGetter, name: str) -> str | None:
 
     text = _decode(value, _MAX_RATE_LIMIT_LENGTH)
     if not text:
-        logger.debug("Ignoring invalid %s header %r", name, value[:_LOG_VALUE_LENGTH])
+        logger.debug("Ignoring invalid %s header %r", name, _preview(value))
         return None
     return text
 
 
-def _usable(
-    limit: int | None, remaining: int | None, reset: float | None
-) -> RateLimit | None:
+def _usable(limit: int | None, remaining: int | None, reset: float | None) -> RateLimit | None:
     if limit is None and remaining is None and reset is None:
         return None
     return RateLimit(limit=limit, remaining=remaining, reset=reset)
@@ -354,7 +362,7 @@ def _most_restrictive(
     """Combine parallel value lists into one RateLimit, most restrictive first.
 
     The lowest remaining wins. The limit and reset come from its position
-    when their list has the same length; otherwise the lowest limit and the
+    when their list has the same length. Otherwise the lowest limit and the
     latest reset are taken.
     """
     best = _most_restrictive_index(remainings, resets)
@@ -419,7 +427,7 @@ def _is_dictionary_member(bare: str) -> bool:
 def _parse_dictionary_form(
     members: list[tuple[str, dict[str, str]]], now: float
 ) -> RateLimit | None:
-    """Read ``limit=10, remaining=5, reset=3``; parameters are ignored."""
+    """Read the draft 07 form ``limit=10, remaining=5, reset=3``, ignoring parameters."""
     limits: list[int | None] = []
     remainings: list[int | None] = []
     resets: list[float | None] = []
@@ -455,13 +463,13 @@ def _parse_structured_form(
 def _policy_quota(get: HeaderGetter, name: str | None) -> int | None:
     """Return the quota of the named RateLimit-Policy item, or of the only one.
 
-    Newer drafts write ``"name";q=100;w=60``; draft 07 wrote ``100;w=60``.
+    Drafts from 08 write ``"name";q=100;w=60``, and draft 07 wrote ``100;w=60``.
     """
     text = _read_field(get, "RateLimit-Policy")
     if text is None:
         return None
 
-    # (name, quota) pairs; draft 07 policies have no name.
+    # (name, quota) pairs. Draft 07 policies have no name.
     policies: list[tuple[str | None, int | None]] = []
     for member in _split_members(text):
         bare, parameters = _split_parameters(member)

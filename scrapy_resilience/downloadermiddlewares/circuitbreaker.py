@@ -20,6 +20,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from scrapy import signals
 from scrapy.exceptions import NotConfigured
 from scrapy.utils.misc import load_object
 
@@ -31,7 +32,7 @@ from scrapy_resilience.runtime import Runtime, Track
 from scrapy_resilience.settings import get_bool
 
 if TYPE_CHECKING:
-    from scrapy import Request
+    from scrapy import Request, Spider
     from scrapy.crawler import Crawler
     from scrapy.http import Response
     from typing_extensions import Self
@@ -139,6 +140,9 @@ class AttemptObserverMiddleware:
         )
         self.extra_network = _load_exception_classes(settings.getlist("RETRY_EXCEPTIONS"))
         self.retry_after_max = self.runtime.config.retry.retry_after_max
+        # Pause at the first moment the client has the answer, before any
+        # middleware runs, so no request can start between receipt and pause.
+        crawler.signals.connect(self._response_downloaded, signal=signals.response_downloaded)
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -173,16 +177,13 @@ class AttemptObserverMiddleware:
 
         runtime = self.runtime
         state = runtime.domain(track.key)
-        now = runtime.clock()
-        retry_after = self._retry_after(response, track.key)
-        category = classify_status(response.status, retry_after is not None, self.retry_http_codes)
+        has_retry_after = track.retry_after is not None
+        category = classify_status(response.status, has_retry_after, self.retry_http_codes)
         if category is None:
-            runtime.registry.record_success(state, now, probe=track.probe)
+            runtime.registry.record_success(state, runtime.clock(), probe=track.probe)
         else:
-            runtime.registry.record_failure(state, category, now, probe=track.probe)
+            runtime.registry.record_failure(state, category, runtime.clock(), probe=track.probe)
             runtime.stats.inc_value(f"resilience/failures/{category.value}")
-        if retry_after is not None and category is Category.THROTTLED:
-            self._pause(track.key, now + retry_after, retry_after)
         runtime.finish(request)
         return response
 
@@ -210,9 +211,19 @@ class AttemptObserverMiddleware:
         track.attempt_started = None
         return track
 
+    def _response_downloaded(self, response: Response, request: Request, spider: Spider) -> None:
+        track = self.runtime.tracks.get(request)
+        if track is None or response.status not in (429, 503):
+            return
+        track.retry_after = self._retry_after(response, track.key)
+        if track.retry_after is None:
+            return
+        category = classify_status(response.status, True, self.retry_http_codes)
+        if category is Category.THROTTLED:
+            now = self.runtime.clock()
+            self._pause(track.key, now + track.retry_after, track.retry_after)
+
     def _retry_after(self, response: Response, key: str) -> float | None:
-        if response.status not in (429, 503):
-            return None
         seconds = parse_retry_after(response.headers.get("Retry-After"), time.time())
         if seconds is None:
             return None

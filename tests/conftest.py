@@ -1,0 +1,148 @@
+"""Shared fixtures: the fault site on loopback and real crawls in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_PROJECT = REPO / "example_project"
+sys.path.insert(0, str(EXAMPLE_PROJECT))
+
+from faultsite.testing import RunningSite, start_site  # noqa: E402
+
+#: Settings every test crawl starts from: the add-on, the loopback guard, and
+#: short timings so a crawl through faults stays well under a minute.
+BASE_SETTINGS: dict[str, Any] = {
+    "ADDONS": {"scrapy_resilience.Addon": 500},
+    "DOWNLOADER_MIDDLEWARES": {"example_project.middlewares.LoopbackGuardMiddleware": 10},
+    "ROBOTSTXT_OBEY": False,
+    "DOWNLOAD_TIMEOUT": 5,
+    "CONCURRENT_REQUESTS": 16,
+    "CONCURRENT_REQUESTS_PER_DOMAIN": 8,
+    "RESILIENCE_CIRCUIT_OPEN_SECONDS": 3,
+    "RESILIENCE_CIRCUIT_OPEN_MAX_SECONDS": 12,
+    "RESILIENCE_RETRY_BACKOFF_BASE": 0.2,
+    "RESILIENCE_RETRY_BACKOFF_MAX": 2,
+    "LOG_LEVEL": "DEBUG",
+}
+
+#: Wall-clock bound of one test crawl process; a crawl that hits it failed.
+CRAWL_TIMEOUT = 150
+
+
+@dataclass
+class CrawlResult:
+    """What one crawl did, from the client's side."""
+
+    record: dict[str, Any]
+    log: str
+    returncode: int
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        return self.record["stats"]
+
+    def callback_urls(self) -> Counter[str]:
+        return Counter(entry["url"] for entry in self.record["callbacks"])
+
+    def errbacks(self) -> list[dict[str, Any]]:
+        return self.record["errbacks"]
+
+    def paths_by_host(self, address: str) -> set[str]:
+        return {
+            urlsplit(entry["url"]).path
+            for entry in self.record["callbacks"]
+            if urlsplit(entry["url"]).hostname == address
+        }
+
+
+def run_crawl(
+    workdir: Path,
+    start: list[Any],
+    settings: dict[str, Any] | None = None,
+    *,
+    follow: bool = True,
+    timeout: float = CRAWL_TIMEOUT,
+    stop_after: float | None = None,
+    **spec: Any,
+) -> CrawlResult:
+    """Run ``tests/crawlrunner.py`` in a new process and return its record.
+
+    ``stop_after`` sends SIGINT after that many seconds (a graceful stop, like
+    Ctrl-C); otherwise the crawl must end by itself within ``timeout``.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    output = workdir / "record.json"
+    output.unlink(missing_ok=True)
+    spec_path = workdir / "spec.json"
+    merged = {**BASE_SETTINGS, **(settings or {})}
+    merged.setdefault("LOG_FILE", str(workdir / "crawl.log"))
+    spec_path.write_text(json.dumps({"settings": merged, "start": start, "follow": follow, "output": str(output), **spec}))
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(EXAMPLE_PROJECT), env.get("PYTHONPATH", "")])
+    with (workdir / "crawl-stderr.log").open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, str(REPO / "tests" / "crawlrunner.py"), str(spec_path)],
+            cwd=workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+        )
+        try:
+            if stop_after is not None:
+                try:
+                    process.wait(stop_after)
+                except subprocess.TimeoutExpired:
+                    process.send_signal(signal.SIGINT)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            log = Path(merged["LOG_FILE"]).read_text(errors="replace")[-5000:]
+            pytest.fail(f"crawl did not finish within {timeout}s; end of its log:\n{log}")
+
+    log_text = Path(merged["LOG_FILE"]).read_text(errors="replace") if Path(merged["LOG_FILE"]).exists() else ""
+    if not output.exists():
+        stderr_text = (workdir / "crawl-stderr.log").read_text(errors="replace")
+        return CrawlResult({"stats": {}, "callbacks": [], "errbacks": []}, log_text + stderr_text, process.returncode)
+    return CrawlResult(json.loads(output.read_text()), log_text, process.returncode)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Callable[..., RunningSite]]:
+    """Start fault sites for one test and stop them after it."""
+    running: list[RunningSite] = []
+
+    def start(hosts: list[dict[str, Any]], **config: Any) -> RunningSite:
+        full = {"seed": 1, "root": "generated", "pages": 40, "hosts": hosts, **config}
+        instance = start_site(full, tmp_path / f"site{len(running)}")
+        running.append(instance)
+        return instance
+
+    yield start
+    for instance in running:
+        instance.stop()
+
+
+@pytest.fixture
+def crawl(tmp_path: Path) -> Callable[..., CrawlResult]:
+    counter = iter(range(100))
+
+    def run(start: list[Any], settings: dict[str, Any] | None = None, **kwargs: Any) -> CrawlResult:
+        return run_crawl(tmp_path / f"crawl{next(counter)}", start, settings, **kwargs)
+
+    return run
