@@ -115,6 +115,8 @@ class ProbeSpider(scrapy.Spider):
         peaks[host] = max(peaks.get(host, 0), self.in_flight[host])
         total = sum(self.in_flight.values())
         self.record["max_total_in_flight"] = max(self.record["max_total_in_flight"], total)
+        group = sum(self.in_flight.get(member, 0) for member in self.spec.get("group", ()))
+        self.record["max_group_in_flight"] = max(self.record["max_group_in_flight"], group)
 
     def _left(self, request: Any, spider: Any) -> None:
         host = urlsplit(request.url).hostname or ""
@@ -151,6 +153,7 @@ def main(spec_path: str) -> None:
         "events": [],
         "max_in_flight": {},
         "max_total_in_flight": 0,
+        "max_group_in_flight": 0,
     }
     settings = {"LOG_LEVEL": "DEBUG", "TELNETCONSOLE_ENABLED": False, **spec["settings"]}
     process = CrawlerProcess(settings, install_root_handler=True)

@@ -85,7 +85,9 @@ def test_times_by_category_merges_with_defaults() -> None:
 
 
 def test_strings_from_command_line_accepted() -> None:
-    settings = Settings({"RESILIENCE_CIRCUIT_FAILURE_THRESHOLD": "7", "RESILIENCE_CIRCUIT_ENABLED": "False"})
+    settings = Settings(
+        {"RESILIENCE_CIRCUIT_FAILURE_THRESHOLD": "7", "RESILIENCE_CIRCUIT_ENABLED": "False"}
+    )
     config = load_config(settings)
     assert config.circuit.failure_threshold == 7
     assert config.circuit_enabled is False
