@@ -29,7 +29,7 @@ def free_port(address: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def limited_host(port: int) -> list[dict[str, object]]:
+def limited_host(port: int, retry_after: int = 6) -> list[dict[str, object]]:
     return [
         {
             "name": "limited",
@@ -38,7 +38,7 @@ def limited_host(port: int) -> list[dict[str, object]]:
             "profile": "rate_limited",
             "rate": 5,
             "burst": 5,
-            "retry_after": 6,
+            "retry_after": retry_after,
         }
     ]
 
@@ -132,3 +132,19 @@ def test_callback_retry_waits_in_hold(
     assert arrivals[1] - retried[0]["time"] >= 0.5
     assert result.stats["resilience/retry/delayed"] >= 1
     assert result.stats["retry/count"] == 1
+
+
+def test_hold_spills_to_disk_and_loses_nothing(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
+    running = site(limited_host(free_port("127.0.0.8"), retry_after=2), pages=PAGES)
+    result = crawl(
+        [running.url("limited", "index.html")],
+        {"RESILIENCE_HOLD_MAX_REQUESTS": 2, "CONCURRENT_REQUESTS_PER_DOMAIN": 16},
+    )
+
+    assert result.stats["resilience/hold/spilled"] > 0
+    assert result.stats["resilience/hold/max_size"] > 2
+    pages = Counter(urlsplit(url).path for url in result.callback_urls().elements())
+    assert set(pages) == EXPECTED
+    assert set(pages.values()) == {1}
