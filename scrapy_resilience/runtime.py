@@ -81,6 +81,9 @@ class Runtime:
         )
         self.hold = RequestHold(self)
         self.tracks: WeakKeyDictionary[Request, Track] = WeakKeyDictionary()
+        # Admitted requests not finished yet, for the sweep; strong references,
+        # removed by finish().
+        self.admitted: dict[Request, Track] = {}
         # Requests returned to the engine to be held when they are scheduled:
         # request -> (due, reason).
         self.to_hold: WeakKeyDictionary[Request, tuple[float, str]] = WeakKeyDictionary()
@@ -209,11 +212,17 @@ class Runtime:
             return track
         track.finished = True
         if track.admitted:
+            self.admitted.pop(request, None)
             state = self.registry.peek(track.key)
             if state is not None:
                 self.registry.finish(state, suspect=track.suspect)
             self.wake_soon()
         return track
+
+    def track_admitted(self, request: Request, track: Track) -> None:
+        """Start the bookkeeping of a request admission let into the downloader."""
+        self.tracks[request] = track
+        self.admitted[request] = track
 
     def hold_later(self, request: Request, due: float, reason: str) -> None:
         """Mark ``request``, about to be returned to the engine, to be held
@@ -258,10 +267,9 @@ class Runtime:
         if engine is None:
             return
         active = engine.downloader.active
-        for request, track in list(self.tracks.items()):
-            if track.admitted and not track.finished and request not in active:
-                self.stats.inc_value("resilience/admission/swept")
-                self.finish(request)
+        for request in [request for request in self.admitted if request not in active]:
+            self.stats.inc_value("resilience/admission/swept")
+            self.finish(request)
         self.hold.pump()
 
     # Signal handlers

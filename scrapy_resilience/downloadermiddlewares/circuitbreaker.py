@@ -78,9 +78,8 @@ class CircuitBreakerMiddleware:
 
         if verdict.decision is Decision.ADMIT:
             suspect = runtime.registry.admit(state, now)
-            runtime.tracks[request] = Track(
-                key, scheduled, admitted=True, suspect=suspect, probe=verdict.probe
-            )
+            track = Track(key, scheduled, admitted=True, suspect=suspect, probe=verdict.probe)
+            runtime.track_admitted(request, track)
             return None
 
         if verdict.decision is Decision.REJECT:
@@ -96,7 +95,7 @@ class CircuitBreakerMiddleware:
 
         # A direct download is never held: it goes now, counted in flight.
         suspect = runtime.registry.admit(state, now)
-        runtime.tracks[request] = Track(key, scheduled, admitted=True, suspect=suspect)
+        runtime.track_admitted(request, Track(key, scheduled, admitted=True, suspect=suspect))
         return None
 
     def process_response(self, request: Request, response: Response) -> Response:
