@@ -56,6 +56,14 @@ class ProbeSpider(scrapy.Spider):
         crawler.signals.connect(spider._sent, signal=signals.request_reached_downloader)
         crawler.signals.connect(spider._left, signal=signals.request_left_downloader)
         crawler.signals.connect(spider._received, signal=signals.response_downloaded)
+        touch = spider.spec.get("touch_on_open")
+        if touch:
+            # Ends a recovering host's failure window once its circuit opened.
+            crawler.signals.connect(
+                lambda **kwargs: Path(touch).touch(),
+                signal=resilience_signals.circuit_opened,
+                weak=False,
+            )
         for name in RESILIENCE_SIGNALS:
             crawler.signals.connect(spider._event_recorder(name), signal=getattr(resilience_signals, name), weak=False)
         return spider

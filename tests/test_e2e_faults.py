@@ -205,3 +205,50 @@ def test_autothrottle_conflict_stops_crawl(site: Callable[..., RunningSite], cra
     assert result.returncode != 0
     assert "RESILIENCE_THROTTLE_ENABLED = False" in result.log
     assert running.requests() == []
+
+
+def test_recovering_host_crawled_after_probe(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult], tmp_path: Any
+) -> None:
+    recovered = tmp_path / "recovered"
+    running = site(
+        [{"name": "back", "address": "127.0.0.9", "profile": "recovering", "fail_until_file": str(recovered)}],
+        pages=PAGES,
+    )
+    result = crawl([running.url("back", "index.html")], touch_on_open=str(recovered))
+
+    assert result.paths_by_host("127.0.0.9") == EXPECTED
+    events = [e["signal"] for e in result.record["events"] if e.get("domain") == "127.0.0.9"]
+    assert events == ["circuit_opened", "circuit_half_opened", "circuit_closed"]
+    probe_time = first_event(result, "circuit_half_opened", "127.0.0.9")
+    first_success = min(e["time"] for e in result.record["callbacks"])
+    assert first_success > probe_time
+    # Only the site's links to missing pages fail, with 404.
+    assert {(e["exception"], e["category"]) for e in result.errbacks()} == {("HttpError", None)}
+    assert all("/missing/" in e["url"] for e in result.errbacks())
+
+
+def test_redirect_after_retry_reaches_callback_once(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
+    # With seed 12, /moved.html fails its first attempt and redirects on its second.
+    running = site(
+        [
+            {
+                "name": "flaky",
+                "address": "127.0.0.6",
+                "profile": "flaky",
+                "rate": 0.5,
+                "redirects": {"/moved.html": "/index.html"},
+            }
+        ],
+        pages=PAGES,
+        seed=12,
+    )
+    start = [running.url("flaky", "moved.html"), running.url("flaky", "index.html")]
+    result = crawl(start, follow=False)
+
+    moved = [entry for entry in running.requests("flaky") if entry["path"] == "/moved.html"]
+    assert [entry["status"] for entry in moved] == [503, 301]
+    assert result.callback_urls() == Counter({running.url("flaky", "index.html"): 1})
+    assert result.stats["retry/count"] >= 1

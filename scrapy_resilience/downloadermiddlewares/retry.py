@@ -176,7 +176,10 @@ class BackoffRetryMiddleware:
         new_request.meta[COUNTS_KEY] = counts
         new_request.meta["retry_times"] = retry_times
         new_request.meta.pop(CATEGORY_KEY, None)
-        new_request.dont_filter = True
+        # A held retry skips the dupefilter anyway (the hold takes it before
+        # the scheduler and releases it with dont_filter=True), so it keeps its
+        # own flag, and a redirect it gets stays subject to the dupefilter.
+        new_request.dont_filter = request.dont_filter if scheduled else True
         priority_adjust = request.meta.get("priority_adjust", self.priority_adjust)
         new_request.priority = request.priority + priority_adjust
 
@@ -299,6 +302,7 @@ def get_retry_request(
         return new_request
 
     delay = runtime.config.retry.backoff.delay(new_request.meta["retry_times"], runtime.rng)
+    new_request.dont_filter = request.dont_filter
     runtime.hold_later(new_request, runtime.clock() + delay, "retry")
     runtime.stats.inc_value("resilience/retry/delayed")
     return new_request

@@ -1,0 +1,1 @@
+"""Example Scrapy project that crawls the fault site with scrapy-resilience."""
