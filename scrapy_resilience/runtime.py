@@ -21,6 +21,7 @@ from weakref import WeakKeyDictionary
 
 from scrapy import signals
 from scrapy.exceptions import DontCloseSpider, IgnoreRequest
+from twisted.internet.task import LoopingCall
 
 from scrapy_resilience import signals as resilience_signals
 from scrapy_resilience.core.registry import Decision, DomainRegistry, DomainState, Verdict
@@ -316,8 +317,6 @@ class Runtime:
         raise DontCloseSpider
 
     def _spider_opened(self, spider: Spider) -> None:
-        from twisted.internet import task
-
         self.started = self.clock()
         jobdir = self.crawler.settings.get("JOBDIR")
         if jobdir:
@@ -329,7 +328,7 @@ class Runtime:
                     {"count": restored, "jobdir": jobdir},
                     extra={"spider": spider},
                 )
-        self._sweep_call = task.LoopingCall(self._sweep)
+        self._sweep_call = LoopingCall(self._sweep)
         self._sweep_call.start(1.0, now=False)
 
     def _spider_closed(self, spider: Spider, reason: str) -> None:
@@ -396,7 +395,8 @@ class Runtime:
         self.stats.inc_value(f"resilience/circuit/{event}")
         if event == "opened":
             logger.info(
-                "Circuit opened for %(domain)s for %(seconds).1fs (%(reason)s, open number %(reopens)d)",
+                "Circuit opened for %(domain)s for %(seconds).1fs "
+                "(%(reason)s, open number %(reopens)d)",
                 {
                     "domain": key,
                     "seconds": transition.open_seconds,

@@ -89,10 +89,16 @@ def run_crawl(
     spec_path = workdir / "spec.json"
     merged = {**BASE_SETTINGS, **(settings or {})}
     merged.setdefault("LOG_FILE", str(workdir / "crawl.log"))
-    spec_path.write_text(json.dumps({"settings": merged, "start": start, "follow": follow, "output": str(output), **spec}))
+    spec_path.write_text(
+        json.dumps(
+            {"settings": merged, "start": start, "follow": follow, "output": str(output), **spec}
+        )
+    )
 
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(EXAMPLE_PROJECT), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(REPO), str(EXAMPLE_PROJECT), env.get("PYTHONPATH", "")]
+    )
     with (workdir / "crawl-stderr.log").open("wb") as stderr:
         process = subprocess.Popen(
             [sys.executable, str(REPO / "tests" / "crawlrunner.py"), str(spec_path)],
@@ -115,10 +121,18 @@ def run_crawl(
             log = Path(merged["LOG_FILE"]).read_text(errors="replace")[-5000:]
             pytest.fail(f"crawl did not finish within {timeout}s; end of its log:\n{log}")
 
-    log_text = Path(merged["LOG_FILE"]).read_text(errors="replace") if Path(merged["LOG_FILE"]).exists() else ""
+    log_text = (
+        Path(merged["LOG_FILE"]).read_text(errors="replace")
+        if Path(merged["LOG_FILE"]).exists()
+        else ""
+    )
     if not output.exists():
         stderr_text = (workdir / "crawl-stderr.log").read_text(errors="replace")
-        return CrawlResult({"stats": {}, "callbacks": [], "errbacks": []}, log_text + stderr_text, process.returncode)
+        return CrawlResult(
+            {"stats": {}, "callbacks": [], "errbacks": []},
+            log_text + stderr_text,
+            process.returncode,
+        )
     return CrawlResult(json.loads(output.read_text()), log_text, process.returncode)
 
 

@@ -23,10 +23,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import scrapy
+from example_project.spiders.docs import build_link_extractor, is_same_origin
 from scrapy import signals
 from scrapy.crawler import CrawlerProcess
 
-from example_project.spiders.docs import build_link_extractor, is_same_origin
 from scrapy_resilience import get_retry_request
 from scrapy_resilience import signals as resilience_signals
 
@@ -65,7 +65,9 @@ class ProbeSpider(scrapy.Spider):
                 weak=False,
             )
         for name in RESILIENCE_SIGNALS:
-            crawler.signals.connect(spider._event_recorder(name), signal=getattr(resilience_signals, name), weak=False)
+            crawler.signals.connect(
+                spider._event_recorder(name), signal=getattr(resilience_signals, name), weak=False
+            )
         return spider
 
     async def start(self) -> Any:
@@ -143,7 +145,11 @@ class ProbeSpider(scrapy.Spider):
             kwargs.pop("sender", None)
             event = {"signal": name, "time": time.monotonic()}
             event.update(
-                {key: value for key, value in kwargs.items() if isinstance(value, (str, int, float))}
+                {
+                    key: value
+                    for key, value in kwargs.items()
+                    if isinstance(value, (str, int, float))
+                }
             )
             self.record["events"].append(event)
 

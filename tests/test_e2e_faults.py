@@ -35,7 +35,11 @@ def sent_to(result: CrawlResult, address: str) -> list[dict[str, Any]]:
 
 
 def first_event(result: CrawlResult, signal: str, domain: str) -> float:
-    times = [e["time"] for e in result.record["events"] if e["signal"] == signal and e.get("domain") == domain]
+    times = [
+        e["time"]
+        for e in result.record["events"]
+        if e["signal"] == signal and e.get("domain") == domain
+    ]
     assert times, f"no {signal} for {domain}"
     return min(times)
 
@@ -70,7 +74,9 @@ def test_dead_host_given_up_healthy_complete(
     assert result.record["finished"] - max(last_healthy, opened) <= budget
 
 
-def test_blackhole_bounded_in_flight(site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]) -> None:
+def test_blackhole_bounded_in_flight(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
     running = site(
         [
             {"name": "ok", "address": "127.0.0.2", "profile": "healthy", "latency": 0.3},
@@ -107,10 +113,9 @@ def flaky_expectation(
     has never answered); every other page gets ``attempts`` tries. Links of a
     failed page are never seen, so the walk follows successful pages only.
     """
+    from example_project.spiders.docs import build_link_extractor, is_same_origin
     from faultsite.content import SiteContent
     from scrapy.http import HtmlResponse
-
-    from example_project.spiders.docs import build_link_extractor, is_same_origin
 
     content = SiteContent.from_root("generated", pages=PAGES, js_pages=1)
     extractor = build_link_extractor()
@@ -144,10 +149,18 @@ def flaky_expectation(
     return scraped, failed, missing
 
 
-def test_flaky_host_scraped_within_limits(site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]) -> None:
+def test_flaky_host_scraped_within_limits(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
     seed, rate = 7, 0.4
-    running = site([{"name": "flaky", "address": "127.0.0.6", "profile": "flaky", "rate": rate}], pages=PAGES, seed=seed)
-    result = crawl([running.url("flaky", "index.html")], {"RESILIENCE_RETRY_TIMES_BY_CATEGORY": {"server": 2}})
+    running = site(
+        [{"name": "flaky", "address": "127.0.0.6", "profile": "flaky", "rate": rate}],
+        pages=PAGES,
+        seed=seed,
+    )
+    result = crawl(
+        [running.url("flaky", "index.html")], {"RESILIENCE_RETRY_TIMES_BY_CATEGORY": {"server": 2}}
+    )
 
     scraped, failed, missing = flaky_expectation(seed, "flaky", rate, attempts=3)
     assert failed, "the seed must make some pages fail every attempt"
@@ -163,9 +176,20 @@ def test_flaky_host_scraped_within_limits(site: Callable[..., RunningSite], craw
     assert {categories[path] for path in missing} <= {None}
 
 
-def test_retry_after_pause_respected(site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]) -> None:
+def test_retry_after_pause_respected(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
     running = site(
-        [{"name": "limited", "address": "127.0.0.7", "profile": "rate_limited", "rate": 5, "burst": 5, "retry_after": 3}],
+        [
+            {
+                "name": "limited",
+                "address": "127.0.0.7",
+                "profile": "rate_limited",
+                "rate": 5,
+                "burst": 5,
+                "retry_after": 3,
+            }
+        ],
         pages=PAGES,
     )
     result = crawl([running.url("limited", "index.html")])
@@ -189,7 +213,9 @@ def test_retry_after_pause_respected(site: Callable[..., RunningSite], crawl: Ca
     assert len(inside) <= max(0, in_flight_then)
 
 
-def test_invalid_setting_stops_crawl(site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]) -> None:
+def test_invalid_setting_stops_crawl(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
     running = site([{"name": "ok", "address": "127.0.0.2", "profile": "healthy"}], pages=5)
     result = crawl([running.url("ok")], {"RESILIENCE_RETRY_JITTER": "random"})
 
@@ -198,7 +224,9 @@ def test_invalid_setting_stops_crawl(site: Callable[..., RunningSite], crawl: Ca
     assert running.requests() == []
 
 
-def test_autothrottle_conflict_stops_crawl(site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]) -> None:
+def test_autothrottle_conflict_stops_crawl(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
+) -> None:
     running = site([{"name": "ok", "address": "127.0.0.2", "profile": "healthy"}], pages=5)
     result = crawl([running.url("ok")], {"AUTOTHROTTLE_ENABLED": True})
 
@@ -212,7 +240,14 @@ def test_recovering_host_crawled_after_probe(
 ) -> None:
     recovered = tmp_path / "recovered"
     running = site(
-        [{"name": "back", "address": "127.0.0.9", "profile": "recovering", "fail_until_file": str(recovered)}],
+        [
+            {
+                "name": "back",
+                "address": "127.0.0.9",
+                "profile": "recovering",
+                "fail_until_file": str(recovered),
+            }
+        ],
         pages=PAGES,
     )
     result = crawl([running.url("back", "index.html")], touch_on_open=str(recovered))

@@ -91,7 +91,10 @@ def test_hanging_new_hosts_never_fill_concurrency(
 ) -> None:
     holes = [f"127.0.0.{n}" for n in range(10, 14)]
     hosts = [{"name": "ok", "address": "127.0.0.2", "profile": "healthy", "latency": 0.2}]
-    hosts += [{"name": f"hole{i}", "address": address, "profile": "blackhole"} for i, address in enumerate(holes)]
+    hosts += [
+        {"name": f"hole{i}", "address": address, "profile": "blackhole"}
+        for i, address in enumerate(holes)
+    ]
     running = site(hosts, pages=PAGES)
 
     start = [running.url("ok", "index.html")]
@@ -104,8 +107,12 @@ def test_hanging_new_hosts_never_fill_concurrency(
     for address in holes:
         assert result.record["max_in_flight"].get(address, 0) <= THRESHOLD
     assert result.record["max_group_in_flight"] <= 16 // 2
-    first_hang = min(entry["arrival"] for index in range(4) for entry in running.requests(f"hole{index}"))
-    healthy = [entry for entry in running.requests("ok") if first_hang < entry["arrival"] < first_hang + 3]
+    first_hang = min(
+        entry["arrival"] for index in range(4) for entry in running.requests(f"hole{index}")
+    )
+    healthy = [
+        entry for entry in running.requests("ok") if first_hang < entry["arrival"] < first_hang + 3
+    ]
     assert healthy, "healthy requests stopped while the new hosts hung"
     hole_errbacks = [e for e in result.errbacks() if urlsplit(e["url"]).hostname in holes]
     assert len(hole_errbacks) == 40

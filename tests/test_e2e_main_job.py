@@ -57,6 +57,10 @@ def test_main_job_scrapes_every_reachable_page(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["finish_reason"] == "finished"
     given_up = {key for key, domain in report["domains"].items() if domain["given_up"]}
-    unreachable = {host["address"] for host in ready["hosts"].values() if host["profile"] in UNREACHABLE_PROFILES}
+    unreachable = {
+        host["address"]
+        for host in ready["hosts"].values()
+        if host["profile"] in UNREACHABLE_PROFILES
+    }
     assert given_up == unreachable
     assert report["elapsed_seconds"] < 300

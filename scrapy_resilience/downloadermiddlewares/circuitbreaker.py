@@ -159,11 +159,11 @@ class AttemptObserverMiddleware:
 
         state = runtime.domain(track.key)
         now = runtime.clock()
-        if track.admitted and not request.meta.get(DONT_CIRCUIT):
-            if not runtime.registry.attempt_allowed(state, now, probe=track.probe):
-                runtime.finish(request)
-                runtime.stats.inc_value("resilience/admission/held_back")
-                raise HeldBackError(track.key, "its circuit changed while the request waited")
+        gated = track.admitted and not request.meta.get(DONT_CIRCUIT)
+        if gated and not runtime.registry.attempt_allowed(state, now, probe=track.probe):
+            runtime.finish(request)
+            runtime.stats.inc_value("resilience/admission/held_back")
+            raise HeldBackError(track.key, "its circuit changed while the request waited")
 
         runtime.registry.start_attempt(state, probe=track.probe)
         runtime.stats.inc_value("resilience/attempts")

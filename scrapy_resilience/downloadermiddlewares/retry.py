@@ -30,6 +30,7 @@ import time
 from logging import Logger, getLevelName
 from typing import TYPE_CHECKING, Any
 
+from scrapy.downloadermiddlewares.retry import get_retry_request as scrapy_get_retry_request
 from scrapy.exceptions import NotConfigured
 from scrapy.settings import SETTINGS_PRIORITIES
 from scrapy.utils.python import global_object_name
@@ -193,7 +194,8 @@ class BackoffRetryMiddleware:
             runtime.hold_later(new_request, runtime.clock() + delay, "retry")
             stats.inc_value("resilience/retry/delayed")
         logger.debug(
-            "Retrying %(request)s in %(delay).2fs (%(category)s, failed %(attempts)d times): %(reason)s",
+            "Retrying %(request)s in %(delay).2fs (%(category)s, failed %(attempts)d times): "
+            "%(reason)s",
             {
                 "request": request,
                 "delay": delay if scheduled else 0.0,
@@ -250,8 +252,8 @@ class BackoffRetryMiddleware:
             check = getattr(self.crawler.spider, check, None)
             if check is None:
                 raise AttributeError(
-                    f"RESILIENCE_RETRY_CONTENT_CHECK names the spider method {self.config.content_check!r}, "
-                    "but the spider has no such method."
+                    "RESILIENCE_RETRY_CONTENT_CHECK names the spider method "
+                    f"{self.config.content_check!r}, but the spider has no such method."
                 )
             return bool(check(response))
         try:
@@ -284,8 +286,6 @@ def get_retry_request(
     the retry it returns waits out the bundle's backoff in the hold (when the
     bundle is enabled for the spider's crawler) instead of being downloaded at once.
     """
-    from scrapy.downloadermiddlewares.retry import get_retry_request as scrapy_get_retry_request
-
     options: dict[str, Any] = {
         "spider": spider,
         "reason": reason,
