@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,13 +53,22 @@ def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any
 
 
 def report_path(template: str, spider: Spider) -> Path:
-    """Return the report's path; ``%(spider)s`` and ``%(job)s`` are filled in.
+    """Return the report's path with its placeholders filled in.
 
-    ``%(job)s`` is Scrapyd's job id (the ``SCRAPYD_JOB`` environment variable),
-    or the spider name outside Scrapyd.
+    As in Scrapy's feed URIs, ``%(name)s`` is the spider name and ``%(time)s``
+    the UTC time the report is written (``2026-12-04T21-30-00``, safe in file
+    names); ``%(spider)s`` is the spider name too, and ``%(job)s`` Scrapyd's
+    job id (the ``SCRAPYD_JOB`` environment variable) or the spider name
+    outside Scrapyd.
     """
-    job = os.environ.get("SCRAPYD_JOB") or spider.name
-    return Path(template % {"spider": spider.name, "job": job})
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    values = {
+        "name": spider.name,
+        "spider": spider.name,
+        "time": now.isoformat().replace("+00:00", "").replace(":", "-"),
+        "job": os.environ.get("SCRAPYD_JOB") or spider.name,
+    }
+    return Path(template % values)
 
 
 def write_report(runtime: Runtime, spider: Spider, reason: str) -> None:

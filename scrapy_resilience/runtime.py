@@ -32,9 +32,11 @@ from scrapy_resilience.settings import Config, load_config
 if TYPE_CHECKING:
     from scrapy import Request, Spider
     from scrapy.crawler import Crawler
+    from scrapy.http import Response
     from scrapy.statscollectors import StatsCollector
 
     from scrapy_resilience.core.circuit import Transition
+    from scrapy_resilience.core.classify import Category
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,31 @@ class Track:
     latency: float | None = None
     retry_after: float | None = None
     finished: bool = False
+
+
+@dataclass(slots=True)
+class Attempt:
+    """The outcome of one attempt that reached the download handler.
+
+    ``category`` is None for an answer that is not a failure, and for an
+    exception that says nothing about the domain (``IgnoreRequest``, a browser
+    fault). ``track.latency`` is the attempt's own duration in seconds,
+    measured by the observer for failures too.
+    """
+
+    track: Track
+    request: Request
+    category: Category | None
+    response: Response | None = None
+    exception: BaseException | None = None
+
+    @property
+    def key(self) -> str:
+        return self.track.key
+
+    @property
+    def latency(self) -> float:
+        return self.track.latency or 0.0
 
 
 class Runtime:
@@ -88,6 +115,9 @@ class Runtime:
         # Requests returned to the engine to be held when they are scheduled:
         # request -> (due, reason).
         self.to_hold: WeakKeyDictionary[Request, tuple[float, str]] = WeakKeyDictionary()
+        #: Called with every :class:`Attempt`, after the circuit recorded it;
+        #: the adaptive throttle and the health monitor listen here.
+        self.attempt_listeners: list[Callable[[Attempt], None]] = []
         self.circuit_active = False
         self.closing = False
         self.unfinished: list[dict[str, Any]] = []
@@ -219,6 +249,10 @@ class Runtime:
                 self.registry.finish(state, suspect=track.suspect)
             self.wake_soon()
         return track
+
+    def notify_attempt(self, attempt: Attempt) -> None:
+        for listener in self.attempt_listeners:
+            listener(attempt)
 
     def track_admitted(self, request: Request, track: Track) -> None:
         """Start the bookkeeping of a request admission let into the downloader."""

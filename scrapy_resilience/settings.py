@@ -200,6 +200,23 @@ def _optional_path(settings: BaseSettings, name: str) -> str | None:
     raise InvalidSettingError(name, value, "It must be None or a file path.")
 
 
+def _report_file(settings: BaseSettings) -> str | None:
+    name = "RESILIENCE_REPORT_FILE"
+    path = _optional_path(settings, name)
+    if path is None:
+        return None
+    try:
+        path % {"name": "", "spider": "", "time": "", "job": ""}
+    except (KeyError, ValueError, TypeError) as error:
+        raise InvalidSettingError(
+            name,
+            path,
+            "It must be a file path whose only placeholders are %(name)s, %(spider)s, "
+            f"%(time)s and %(job)s (write %% for a literal percent sign): {error!r}.",
+        ) from error
+    return path
+
+
 def _import_path(settings: BaseSettings, name: str) -> type[Any]:
     value = get(settings, name)
     try:
@@ -326,5 +343,5 @@ def load_config(settings: BaseSettings) -> Config:
         health_interval=get_float(
             settings, "RESILIENCE_HEALTH_INTERVAL", 0, exclusive_minimum=True
         ),
-        report_file=_optional_path(settings, "RESILIENCE_REPORT_FILE"),
+        report_file=_report_file(settings),
     )

@@ -47,6 +47,8 @@ INVALID = [
     ("RESILIENCE_MEMORY_CHECK_INTERVAL", 0),
     ("RESILIENCE_HEALTH_INTERVAL", "often"),
     ("RESILIENCE_REPORT_FILE", 12),
+    ("RESILIENCE_REPORT_FILE", "report-%(date)s.json"),
+    ("RESILIENCE_REPORT_FILE", "report-100%.json"),
 ]
 
 

@@ -28,7 +28,7 @@ from scrapy_resilience.core.classify import Category, classify_exception, classi
 from scrapy_resilience.core.headers import cap_retry_after, parse_retry_after
 from scrapy_resilience.core.registry import Decision
 from scrapy_resilience.exceptions import CircuitOpenError
-from scrapy_resilience.runtime import Runtime, Track
+from scrapy_resilience.runtime import Attempt, Runtime, Track
 from scrapy_resilience.settings import get_bool
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ class AttemptObserverMiddleware:
         else:
             runtime.registry.record_failure(state, category, runtime.clock(), probe=track.probe)
             runtime.stats.inc_value(f"resilience/failures/{category.value}")
+        runtime.notify_attempt(Attempt(track, request, category, response=response))
         runtime.finish(request)
         return response
 
@@ -200,6 +201,7 @@ class AttemptObserverMiddleware:
         else:
             runtime.registry.record_failure(state, category, runtime.clock(), probe=track.probe)
             runtime.stats.inc_value(f"resilience/failures/{category.value}")
+        runtime.notify_attempt(Attempt(track, request, category, exception=exception))
         runtime.finish(request)
 
     def _end_attempt(self, request: Request) -> Track | None:
