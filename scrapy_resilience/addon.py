@@ -16,6 +16,8 @@ from scrapy_resilience.downloadermiddlewares.circuitbreaker import (
 )
 from scrapy_resilience.downloadermiddlewares.retry import BackoffRetryMiddleware
 from scrapy_resilience.exceptions import InvalidSettingError
+from scrapy_resilience.extensions.health import HealthMonitor
+from scrapy_resilience.extensions.memory import MemoryGuard
 from scrapy_resilience.settings import load_config
 
 if TYPE_CHECKING:
@@ -31,11 +33,30 @@ RETRY_PRIORITY = 550
 #: Nearest the download handler, after HttpCacheMiddleware (900), so every
 #: attempt that reaches the handler is seen first and exactly once.
 OBSERVER_PRIORITY = 990
+#: Extensions form no chain: the value only orders their construction.
+EXTENSION_PRIORITY = 500
+
+
+def _disable_component(settings: BaseSettings, name: str, component: type) -> None:
+    """Set ``component`` to None in the ``name`` priority dict under its import path.
+
+    Scrapy 2.13 and 2.14 merge ``DOWNLOADER_MIDDLEWARES`` with its ``_BASE``
+    without matching a class key to the same class's import path, so the path,
+    as the base dict spells it, is the key that disables it on every version.
+    """
+    components = settings.getdict(name)
+    path = f"{component.__module__}.{component.__qualname__}"
+    for key in list(components):
+        if key is component or key == path:
+            del components[key]
+    components[path] = None
+    settings.set(name, components, settings.getpriority(name) or 0)
 
 
 class Addon:
     """Enable the circuit breaker, the backoff retry and the request hold at
-    fixed priorities, in place of Scrapy's ``RetryMiddleware``."""
+    fixed priorities, in place of Scrapy's ``RetryMiddleware``, and the memory
+    guard and health monitor extensions."""
 
     def update_settings(self, settings: BaseSettings) -> None:
         # Validate everything now, so a bad value stops the crawl before it starts.
@@ -43,7 +64,7 @@ class Addon:
         self._check_autothrottle(settings, config.throttle_enabled)
 
         middlewares = "DOWNLOADER_MIDDLEWARES"
-        settings.set_in_component_priority_dict(middlewares, RetryMiddleware, None)
+        _disable_component(settings, middlewares, RetryMiddleware)
         settings.set_in_component_priority_dict(
             middlewares, CircuitBreakerMiddleware, ADMISSION_PRIORITY
         )
@@ -51,6 +72,10 @@ class Addon:
         settings.set_in_component_priority_dict(
             middlewares, AttemptObserverMiddleware, OBSERVER_PRIORITY
         )
+
+        extensions = "EXTENSIONS"
+        settings.set_in_component_priority_dict(extensions, MemoryGuard, EXTENSION_PRIORITY)
+        settings.set_in_component_priority_dict(extensions, HealthMonitor, EXTENSION_PRIORITY)
 
         self._warn_memusage(settings, config.memory_limit_mb, config.memory_enabled)
 

@@ -9,20 +9,14 @@ import inspect
 
 import pytest
 from OpenSSL import SSL
+from scrapy import exceptions as scrapy_exceptions
 from scrapy.core.downloader.handlers.http11 import TunnelError
 from scrapy.exceptions import (
-    CannotResolveHostError,
     CloseSpider,
-    DownloadCancelledError,
-    DownloadConnectionRefusedError,
-    DownloadFailedError,
-    DownloadTimeoutError,
     IgnoreRequest,
     NotConfigured,
     NotSupported,
-    ResponseDataLossError,
     StopDownload,
-    UnsupportedURLSchemeError,
 )
 from scrapy.http import Response
 from scrapy.settings import default_settings
@@ -45,6 +39,24 @@ from scrapy_resilience.core.classify import (
 )
 
 DEFAULT_RETRY_HTTP_CODES = tuple(default_settings.RETRY_HTTP_CODES)
+
+
+def scrapy_exception(name: str) -> type[Exception]:
+    """Return a download exception of Scrapy 2.15+, or a class with its qualified
+    name on older Scrapy (classification matches by name, so both behave alike)."""
+    found = getattr(scrapy_exceptions, name, None)
+    if found is None:
+        found = type(name, (Exception,), {"__module__": "scrapy.exceptions"})
+    return found
+
+
+CannotResolveHostError = scrapy_exception("CannotResolveHostError")
+DownloadCancelledError = scrapy_exception("DownloadCancelledError")
+DownloadConnectionRefusedError = scrapy_exception("DownloadConnectionRefusedError")
+DownloadFailedError = scrapy_exception("DownloadFailedError")
+DownloadTimeoutError = scrapy_exception("DownloadTimeoutError")
+ResponseDataLossError = scrapy_exception("ResponseDataLossError")
+UnsupportedURLSchemeError = scrapy_exception("UnsupportedURLSchemeError")
 
 
 def fake_class(

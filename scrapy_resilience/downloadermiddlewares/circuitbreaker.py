@@ -65,7 +65,7 @@ class CircuitBreakerMiddleware:
     def from_crawler(cls, crawler: Crawler) -> Self:
         return cls(crawler)
 
-    def process_request(self, request: Request) -> Request | None:
+    def process_request(self, request: Request, spider: Spider | None = None) -> Request | None:
         runtime = self.runtime
         scheduled = runtime.take_bookkeeping(request)
         if request.meta.get(DONT_CIRCUIT):
@@ -98,11 +98,15 @@ class CircuitBreakerMiddleware:
         runtime.track_admitted(request, Track(key, scheduled, admitted=True, suspect=suspect))
         return None
 
-    def process_response(self, request: Request, response: Response) -> Response:
+    def process_response(
+        self, request: Request, response: Response, spider: Spider | None = None
+    ) -> Response:
         self.runtime.finish(request)
         return response
 
-    def process_exception(self, request: Request, exception: Exception) -> Request | None:
+    def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> Request | None:
         track = self.runtime.finish(request)
         if isinstance(exception, HeldBackError) and track is not None and track.scheduled:
             self.runtime.hold_later(request, self.runtime.clock(), "held_back")
@@ -147,7 +151,7 @@ class AttemptObserverMiddleware:
     def from_crawler(cls, crawler: Crawler) -> Self:
         return cls(crawler)
 
-    def process_request(self, request: Request) -> None:
+    def process_request(self, request: Request, spider: Spider | None = None) -> None:
         runtime = self.runtime
         track = runtime.tracks.get(request)
         if track is None:
@@ -169,7 +173,9 @@ class AttemptObserverMiddleware:
         runtime.stats.inc_value("resilience/attempts")
         track.attempt_started = now
 
-    def process_response(self, request: Request, response: Response) -> Response:
+    def process_response(
+        self, request: Request, response: Response, spider: Spider | None = None
+    ) -> Response:
         track = self._end_attempt(request)
         if track is None:
             return response
@@ -187,7 +193,9 @@ class AttemptObserverMiddleware:
         runtime.finish(request)
         return response
 
-    def process_exception(self, request: Request, exception: Exception) -> None:
+    def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> None:
         track = self._end_attempt(request)
         if track is None:
             self.runtime.finish(request)

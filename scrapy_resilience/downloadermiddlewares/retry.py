@@ -88,7 +88,9 @@ class BackoffRetryMiddleware:
     def from_crawler(cls, crawler: Crawler) -> Self:
         return cls(crawler)
 
-    def process_response(self, request: Request, response: Response) -> Request | Response:
+    def process_response(
+        self, request: Request, response: Response, spider: Spider | None = None
+    ) -> Request | Response:
         if request.meta.get("dont_retry", False):
             request.meta.pop(COUNTS_KEY, None)
             return response
@@ -122,7 +124,9 @@ class BackoffRetryMiddleware:
             raise ContentRejectedError(response)
         return response
 
-    def process_exception(self, request: Request, exception: Exception) -> Request | None:
+    def process_exception(
+        self, request: Request, exception: Exception, spider: Spider | None = None
+    ) -> Request | None:
         if request.meta.get("dont_retry", False):
             request.meta.pop(COUNTS_KEY, None)
             return None
