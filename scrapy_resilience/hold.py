@@ -27,6 +27,7 @@ import itertools
 import logging
 import pickle
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,6 +87,9 @@ class RequestHold:
         self._seq = itertools.count()
         self._in_memory = 0
         self._size = 0
+        #: Held requests by hold reason (``"retry"``, ``"open"``, ``"paced"``...),
+        #: in memory and on disk; the health monitor reads it.
+        self.reasons: Counter[str] = Counter()
         self._spill_dir: Path | None = None
         self._temp_dir: tempfile.TemporaryDirectory[str] | None = None
 
@@ -102,13 +106,14 @@ class RequestHold:
             hold = self._domains[key] = DomainHold(key)
         entry = HeldEntry(due, -request.priority, next(self._seq), request, reason)
 
-        if self._in_memory >= self.max_in_memory or hold.disk_count:
-            self._spill(hold, entry)
+        if (self._in_memory >= self.max_in_memory or hold.disk_count) and self._spill(hold, entry):
+            pass
         else:
             heapq.heappush(hold.heap, entry)
             self._in_memory += 1
 
         self._size += 1
+        self.reasons[reason] += 1
         state = self.runtime.domain(key)
         state.held += 1
         stats = self.runtime.stats
@@ -185,9 +190,19 @@ class RequestHold:
         spider = self.runtime.crawler.spider
         held = []
         for request, due, reason, key in self.drain_entries():
+            try:
+                serialized = request.to_dict(spider=spider)
+            except (ValueError, TypeError, AttributeError) as error:
+                # Not one request can stop the others from being saved.
+                self.runtime.record_unfinished(request, key, reason, max(0.0, due - now))
+                logger.warning(
+                    "Cannot save held %(request)s to JOBDIR: %(error)s",
+                    {"request": request, "error": error},
+                )
+                continue
             held.append(
                 {
-                    "request": request.to_dict(spider=spider),
+                    "request": serialized,
                     "remaining": max(0.0, due - now),
                     "reason": reason,
                     "key": key,
@@ -270,21 +285,37 @@ class RequestHold:
         if not hold.heap:
             self._unspill(hold)
         self._in_memory -= 1
-        return heapq.heappop(hold.heap)
+        entry = heapq.heappop(hold.heap)
+        self.reasons[entry.reason] -= 1
+        return entry
 
     def _forget(self, key: str) -> None:
         hold = self._domains.pop(key, None)
         if hold is not None and hold.disk is not None:
             hold.disk.close()
 
-    def _spill(self, hold: DomainHold, entry: HeldEntry) -> None:
+    def _spill(self, hold: DomainHold, entry: HeldEntry) -> bool:
+        """Push an entry to its domain's disk queue; return False when the
+        request cannot be serialized (a callback that is not a spider method,
+        say), and the caller keeps it in memory instead."""
         if hold.disk is None:
             hold.disk = self._open_disk_queue(hold.key)
         request = entry.request
         request.meta.setdefault(META_KEY, {})["hold"] = (entry.due, entry.reason)
-        hold.disk.push(request)
+        try:
+            hold.disk.push(request)
+        except (ValueError, TypeError, AttributeError, pickle.PicklingError) as error:
+            del request.meta[META_KEY]["hold"]
+            if not request.meta[META_KEY]:
+                del request.meta[META_KEY]
+            self.runtime.stats.inc_value("resilience/hold/unserializable")
+            logger.debug(
+                "Keeping %(request)s in memory: %(error)s", {"request": request, "error": error}
+            )
+            return False
         hold.disk_count += 1
         self.runtime.stats.inc_value("resilience/hold/spilled")
+        return True
 
     def _unspill(self, hold: DomainHold) -> None:
         # Bring back a batch, so a domain with a long disk queue keeps the

@@ -20,14 +20,20 @@ STATS_PREFIXES = ("resilience/", "retry/")
 
 
 def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any]:
-    """Return the report as a JSON-friendly dict."""
+    """Return the report as a JSON-friendly dict.
+
+    Each callable of ``runtime.report_extenders`` adds its fields to every
+    domain's dict, and healthy domains beyond
+    ``RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS`` are left out (see
+    :func:`bound_healthy_domains`).
+    """
     stats = runtime.stats.get_stats()
     domains: dict[str, Any] = {}
     for state in runtime.registry:
         circuit = state.circuit
         if not (state.attempts or state.held or circuit.given_up or state.rejected):
             continue
-        domains[state.key] = {
+        fields = domains[state.key] = {
             "state": circuit.state.value,
             "given_up": circuit.given_up,
             "give_up_reason": circuit.give_up_reason,
@@ -38,6 +44,9 @@ def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any
             "rejected": state.rejected,
             "held_at_close": sum(1 for item in runtime.unfinished if item["domain"] == state.key),
         }
+        for extend in runtime.report_extenders:
+            extend(state.key, fields)
+    omitted = bound_healthy_domains(domains, runtime.config.report_max_healthy_domains)
     return {
         "spider": spider.name,
         "finish_reason": reason,
@@ -48,8 +57,32 @@ def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any
             if key.startswith(STATS_PREFIXES)
         },
         "domains": domains,
+        "healthy_domains_omitted": omitted,
         "unfinished": runtime.unfinished,
     }
+
+
+def bound_healthy_domains(domains: dict[str, Any], max_healthy: int) -> dict[str, int]:
+    """Remove all but the ``max_healthy`` busiest healthy domains from ``domains``.
+
+    A domain is healthy when it has no failure, was not given up, had no
+    request rejected and left nothing held at close; every other domain is
+    kept. Return the count and the attempts of the domains removed.
+    """
+    healthy = [
+        key
+        for key, fields in domains.items()
+        if not (
+            fields["failures"]
+            or fields["given_up"]
+            or fields["rejected"]
+            or fields["held_at_close"]
+        )
+    ]
+    healthy.sort(key=lambda key: domains[key]["attempts"], reverse=True)
+    removed = healthy[max_healthy:]
+    attempts = sum(domains.pop(key)["attempts"] for key in removed)
+    return {"domains": len(removed), "attempts": attempts}
 
 
 def report_path(template: str, spider: Spider) -> Path:

@@ -118,6 +118,9 @@ class Runtime:
         #: Called with every :class:`Attempt`, after the circuit recorded it;
         #: the adaptive throttle and the health monitor listen here.
         self.attempt_listeners: list[Callable[[Attempt], None]] = []
+        #: Called by the report with each domain's key and its dict, to which
+        #: each adds its own fields (the health monitor, the adaptive throttle).
+        self.report_extenders: list[Callable[[str, dict[str, Any]], None]] = []
         self.circuit_active = False
         self.closing = False
         self.unfinished: list[dict[str, Any]] = []
@@ -133,6 +136,7 @@ class Runtime:
         )
         self._slot_settings: dict[str, dict[str, Any]] = crawler.settings.getdict("DOWNLOAD_SLOTS")
         self._download_delay = crawler.settings.getfloat("DOWNLOAD_DELAY")
+        self._autothrottle = crawler.settings.getbool("AUTOTHROTTLE_ENABLED")
         self._connect_signals()
 
     @classmethod
@@ -375,7 +379,15 @@ class Runtime:
         jobdir = self.crawler.settings.get("JOBDIR")
         held = len(self.hold)
         if jobdir:
-            saved = self.hold.save(jobdir)
+            try:
+                saved = self.hold.save(jobdir)
+            except OSError as error:
+                saved = 0
+                logger.error(
+                    "Failed to save held requests to %(jobdir)s: %(error)s",
+                    {"jobdir": jobdir, "error": error},
+                    extra={"spider": spider},
+                )
             if saved:
                 self.stats.set_value("resilience/hold/persisted", saved)
                 logger.info(
@@ -392,15 +404,7 @@ class Runtime:
         entries = self.hold.drain_entries()
         now = self.clock()
         for request, due, entry_reason, key in entries:
-            self.unfinished.append(
-                {
-                    "url": request.url,
-                    "domain": key,
-                    "reason": entry_reason,
-                    "due_in": max(0.0, due - now),
-                }
-            )
-        self.stats.set_value("resilience/hold/unfinished", len(entries))
+            self.record_unfinished(request, key, entry_reason, max(0.0, due - now))
         logger.warning(
             "The crawl closed with %(count)d held requests unfinished (set JOBDIR to keep "
             "them for the next run); the report lists them",
@@ -408,11 +412,20 @@ class Runtime:
             extra={"spider": spider},
         )
 
+    def record_unfinished(self, request: Request, key: str, reason: str, due_in: float) -> None:
+        """Count a held request the crawl ends without, for stats and the report."""
+        self.unfinished.append(
+            {"url": request.url, "domain": key, "reason": reason, "due_in": due_in}
+        )
+        self.stats.set_value("resilience/hold/unfinished", len(self.unfinished))
+
     def _request_reached_downloader(self, request: Request, spider: Spider) -> None:
         # Delays are paced by admission; a slot delay would hold requests
         # inside the downloader, where they occupy CONCURRENT_REQUESTS.
         engine = self.crawler.engine
-        if engine is None or not self.circuit_active:
+        if engine is None or not self.circuit_active or self._autothrottle:
+            # AutoThrottle (allowed with RESILIENCE_THROTTLE_ENABLED = False)
+            # owns slot delays and changes them; they are not floors then.
             return
         slot = engine.downloader.slots.get(request.meta.get("download_slot", ""))
         if slot is not None and slot.delay:

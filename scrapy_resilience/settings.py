@@ -9,6 +9,8 @@ before anything is downloaded.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -66,6 +68,19 @@ DEFAULTS: dict[str, Any] = {
     "RESILIENCE_HEALTH_ENABLED": True,
     "RESILIENCE_HEALTH_INTERVAL": 30.0,
     "RESILIENCE_REPORT_FILE": None,
+    # Memory guard and health monitor.
+    "RESILIENCE_MEMORY_MIN_CONCURRENCY": 1,
+    "RESILIENCE_MEMORY_LOW_WATER_SHARE": 0.8,
+    "RESILIENCE_MEMORY_RESTORE_SAMPLES": 3,
+    "RESILIENCE_MEMORY_DECREASE_FACTOR": 0.5,
+    "RESILIENCE_MEMORY_RESTORE_STEP_SHARE": 0.125,
+    "RESILIENCE_MEMORY_HARD_LIMIT_MB": 0,
+    "RESILIENCE_MEMORY_CLOSE_AFTER_SECONDS": 0,
+    "RESILIENCE_MEMORY_CGROUP_SHARE": 0.8,
+    "RESILIENCE_MEMORY_MIN_AVAILABLE_MB": 0,
+    "RESILIENCE_MEMORY_FULL_SCAN_INTERVAL": 30.0,
+    "RESILIENCE_HEALTH_WORST_DOMAINS": 10,
+    "RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS": 1000,
 }
 
 
@@ -132,6 +147,10 @@ def _times_by_category(settings: BaseSettings) -> dict[Category, int]:
     value = get(settings, name)
     if hasattr(value, "copy_to_dict"):
         value = value.copy_to_dict()
+    if isinstance(value, str):
+        # From the command line: -s 'RESILIENCE_RETRY_TIMES_BY_CATEGORY={"server": 1}'
+        with contextlib.suppress(ValueError):
+            value = json.loads(value)
     categories = ", ".join(DEFAULT_TIMES_BY_CATEGORY)
     allowed = (
         f"It must be a dict mapping categories ({categories}) to whole numbers of "
@@ -242,6 +261,62 @@ class RetryConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """Memory guard settings beyond the limit and the interval, read from
+    ``RESILIENCE_MEMORY_*``; MB and seconds, None for a switched-off option."""
+
+    min_concurrency: int
+    low_water_share: float
+    restore_samples: int
+    decrease_factor: float
+    restore_step_share: float
+    hard_limit_mb: float | None
+    close_after_seconds: float | None
+    cgroup_share: float
+    min_available_mb: float
+    full_scan_interval: float
+
+
+def _memory_config(settings: BaseSettings) -> MemoryConfig:
+    limit_mb = get_float(settings, "RESILIENCE_MEMORY_LIMIT_MB", 0, exclusive_minimum=True)
+    hard_limit_mb = get_float(settings, "RESILIENCE_MEMORY_HARD_LIMIT_MB", 0)
+    if 0 < hard_limit_mb < limit_mb:
+        raise InvalidSettingError(
+            "RESILIENCE_MEMORY_HARD_LIMIT_MB",
+            get(settings, "RESILIENCE_MEMORY_HARD_LIMIT_MB"),
+            f"It must be 0 (off) or at least RESILIENCE_MEMORY_LIMIT_MB ({limit_mb:g}).",
+        )
+    close_after = get_float(settings, "RESILIENCE_MEMORY_CLOSE_AFTER_SECONDS", 0)
+    return MemoryConfig(
+        min_concurrency=get_int(settings, "RESILIENCE_MEMORY_MIN_CONCURRENCY", 1),
+        low_water_share=_share_below_one(settings, "RESILIENCE_MEMORY_LOW_WATER_SHARE"),
+        restore_samples=get_int(settings, "RESILIENCE_MEMORY_RESTORE_SAMPLES", 1),
+        decrease_factor=_share_below_one(settings, "RESILIENCE_MEMORY_DECREASE_FACTOR"),
+        restore_step_share=get_float(
+            settings, "RESILIENCE_MEMORY_RESTORE_STEP_SHARE", 0, 1, exclusive_minimum=True
+        ),
+        hard_limit_mb=hard_limit_mb or None,
+        close_after_seconds=close_after or None,
+        cgroup_share=get_float(settings, "RESILIENCE_MEMORY_CGROUP_SHARE", 0, 1),
+        min_available_mb=get_float(settings, "RESILIENCE_MEMORY_MIN_AVAILABLE_MB", 0),
+        full_scan_interval=get_float(
+            settings, "RESILIENCE_MEMORY_FULL_SCAN_INTERVAL", 0, exclusive_minimum=True
+        ),
+    )
+
+
+def _share_below_one(settings: BaseSettings, name: str) -> float:
+    allowed = "It must be a number above 0 and below 1."
+    try:
+        share = get_float(settings, name, 0, 1, exclusive_minimum=True)
+    except InvalidSettingError as error:
+        raise InvalidSettingError(name, error.value, allowed) from None
+    if share >= 1:
+        raise InvalidSettingError(name, get(settings, name), allowed)
+    return share
+
+
+@dataclass(frozen=True)
 class Config:
     """Every ``RESILIENCE_*`` setting, validated."""
 
@@ -261,6 +336,10 @@ class Config:
     health_enabled: bool
     health_interval: float
     report_file: str | None
+    # Memory guard and health monitor.
+    memory: MemoryConfig
+    health_worst_domains: int
+    report_max_healthy_domains: int
 
 
 def _circuit_config(settings: BaseSettings) -> CircuitConfig:
@@ -344,4 +423,8 @@ def load_config(settings: BaseSettings) -> Config:
             settings, "RESILIENCE_HEALTH_INTERVAL", 0, exclusive_minimum=True
         ),
         report_file=_report_file(settings),
+        # Memory guard and health monitor.
+        memory=_memory_config(settings),
+        health_worst_domains=get_int(settings, "RESILIENCE_HEALTH_WORST_DOMAINS", 0),
+        report_max_healthy_domains=get_int(settings, "RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS", 0),
     )

@@ -11,24 +11,56 @@ substring whose first response is retried with
 the spider's callbacks and errbacks, the attempts the client sent and the
 answers it received (monotonic times, comparable with the fault site's log),
 and the final stats.
+
+Memory workloads, all optional: ``hold_megabytes`` makes each of the first
+``hold_pages`` callbacks (default: all) hold an anonymous memory map of that
+size for ``hold_seconds`` (default 1); ``child_megabytes`` starts a child
+process at spider open that holds that much memory until the memory guard
+first lowers concurrency (or the crawl ends); ``sample_tree_memory`` (seconds)
+samples the PSS of the crawl process and its descendants in a thread, into
+``tree_memory`` and ``tree_memory_peak_mb``.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import resource
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 import scrapy
 from example_project.spiders.docs import build_link_extractor, is_same_origin
+from faultsite import BAN_MARKER
 from scrapy import signals
 from scrapy.crawler import CrawlerProcess
 
 from scrapy_resilience import get_retry_request
 from scrapy_resilience import signals as resilience_signals
+
+MB = 1024 * 1024
+
+#: Run by the child process of ``child_megabytes``: touch every page of an
+#: anonymous map so it is resident, then hold it until standard input closes.
+CHILD_CODE = """
+import mmap, sys
+size = int(sys.argv[1]) * 1024 * 1024
+buffer = mmap.mmap(-1, size)
+for offset in range(0, size, mmap.PAGESIZE):
+    buffer[offset] = 1
+sys.stdin.read()
+"""
+
+def not_banned(response: Any) -> bool:
+    """Content check for tests: reject the fault site's block page."""
+    return BAN_MARKER not in response.text
+
 
 RESILIENCE_SIGNALS = (
     "circuit_opened",
@@ -49,6 +81,9 @@ class ProbeSpider(scrapy.Spider):
         self.link_extractor = build_link_extractor()
         self.retried: set[str] = set()
         self.in_flight: dict[str, int] = {}
+        self.held_pages = 0
+        self.held_megabytes = 0
+        self.child: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def from_crawler(cls, crawler: Any, *args: Any, **kwargs: Any) -> ProbeSpider:
@@ -67,6 +102,12 @@ class ProbeSpider(scrapy.Spider):
         for name in RESILIENCE_SIGNALS:
             crawler.signals.connect(
                 spider._event_recorder(name), signal=getattr(resilience_signals, name), weak=False
+            )
+        if spider.spec.get("child_megabytes"):
+            crawler.signals.connect(spider._start_child, signal=signals.spider_opened)
+            crawler.signals.connect(spider._stop_child, signal=signals.spider_closed)
+            crawler.signals.connect(
+                spider._release_child, signal=resilience_signals.memory_pressure_changed
             )
         return spider
 
@@ -90,6 +131,7 @@ class ProbeSpider(scrapy.Spider):
                 "meta_keys": sorted(response.meta),
             }
         )
+        self._hold_memory()
         marker = self.spec.get("retry_in_callback")
         if marker and marker in response.url and response.url not in self.retried:
             self.retried.add(response.url)
@@ -117,10 +159,60 @@ class ProbeSpider(scrapy.Spider):
             }
         )
 
+    def _hold_memory(self) -> None:
+        megabytes = self.spec.get("hold_megabytes")
+        if not megabytes or self.held_pages >= self.spec.get("hold_pages", float("inf")):
+            return
+        self.held_pages += 1
+        # An anonymous map goes back to the system when closed, unlike small
+        # Python objects, so memory in use follows the pages being held.
+        buffer = mmap.mmap(-1, int(megabytes * MB))
+        for offset in range(0, len(buffer), mmap.PAGESIZE):
+            buffer[offset] = 1
+        self.held_megabytes += megabytes
+        self.record["max_held_megabytes"] = max(
+            self.record.get("max_held_megabytes", 0), self.held_megabytes
+        )
+        from twisted.internet import reactor
+
+        reactor.callLater(
+            self.spec.get("hold_seconds", 1.0), self._free_memory, buffer, megabytes
+        )
+
+    def _free_memory(self, buffer: mmap.mmap, megabytes: float) -> None:
+        buffer.close()
+        self.held_megabytes -= megabytes
+
+    def _start_child(self, spider: Any) -> None:
+        command = [sys.executable, "-c", CHILD_CODE, str(int(self.spec["child_megabytes"]))]
+        self.child = subprocess.Popen(command, stdin=subprocess.PIPE)
+        self.record["child_started"] = time.monotonic()
+
+    def _release_child(self, old_concurrency: int, new_concurrency: int, **kwargs: Any) -> None:
+        child = self.child
+        if child is None or new_concurrency >= old_concurrency or child.stdin is None:
+            return
+        if not child.stdin.closed:
+            child.stdin.close()
+            self.record["child_released"] = time.monotonic()
+
+    def _stop_child(self, spider: Any) -> None:
+        child = self.child
+        if child is None:
+            return
+        if child.stdin is not None and not child.stdin.closed:
+            child.stdin.close()
+        try:
+            child.wait(10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
     def _sent(self, request: Any, spider: Any) -> None:
         self.record["sent"].append({"url": request.url, "time": time.monotonic()})
         host = urlsplit(request.url).hostname or ""
         self.in_flight[host] = self.in_flight.get(host, 0) + 1
+        self.record["sent"][-1]["total_in_flight"] = sum(self.in_flight.values())
         peaks = self.record["max_in_flight"]
         peaks[host] = max(peaks.get(host, 0), self.in_flight[host])
         total = sum(self.in_flight.values())
@@ -156,6 +248,27 @@ class ProbeSpider(scrapy.Spider):
         return record_event
 
 
+class TreeMemorySampler(threading.Thread):
+    """Sample the PSS of this process and its descendants every ``interval`` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.samples: list[tuple[float, float]] = []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        process = psutil.Process()
+        while not self.stopped.wait(self.interval):
+            total = 0
+            for member in [process, *process.children(recursive=True)]:
+                try:
+                    total += member.memory_full_info().pss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self.samples.append((time.monotonic(), total / MB))
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     record: dict[str, Any] = {
@@ -172,11 +285,23 @@ def main(spec_path: str) -> None:
     settings = {"LOG_LEVEL": "DEBUG", "TELNETCONSOLE_ENABLED": False, **spec["settings"]}
     process = CrawlerProcess(settings, install_root_handler=True)
     crawler = process.create_crawler(ProbeSpider)
+    sampler = None
+    if spec.get("sample_tree_memory"):
+        sampler = TreeMemorySampler(float(spec["sample_tree_memory"]))
+        sampler.start()
     started = time.monotonic()
     process.crawl(crawler, spec=spec, record=record)
     process.start()
     record["started"] = started
     record["finished"] = time.monotonic()
+    record["process_cpu_seconds"] = time.process_time()
+    # Peak RSS of this process alone, children excluded (ru_maxrss is in KiB on Linux).
+    record["self_max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if sampler is not None:
+        sampler.stopped.set()
+        sampler.join()
+        record["tree_memory"] = sampler.samples
+        record["tree_memory_peak_mb"] = max((mb for _, mb in sampler.samples), default=0.0)
     stats = crawler.stats.get_stats() if crawler.stats else {}
     record["stats"] = {
         key: value if isinstance(value, (int, float, str)) else str(value)

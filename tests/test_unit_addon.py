@@ -74,7 +74,6 @@ def test_addon_warns_when_memusage_limit_is_lower(caplog: pytest.LogCaptureFixtu
     ("setting", "component"),
     [
         ("RESILIENCE_CIRCUIT_ENABLED", CircuitBreakerMiddleware),
-        ("RESILIENCE_CIRCUIT_ENABLED", AttemptObserverMiddleware),
         ("RESILIENCE_RETRY_ENABLED", BackoffRetryMiddleware),
     ],
 )

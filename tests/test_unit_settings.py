@@ -34,6 +34,7 @@ INVALID = [
     ("RESILIENCE_RETRY_TIMES_BY_CATEGORY", {"dns": 3}),
     ("RESILIENCE_RETRY_TIMES_BY_CATEGORY", {"server": True}),
     ("RESILIENCE_RETRY_TIMES_BY_CATEGORY", [3, 2]),
+    ("RESILIENCE_RETRY_TIMES_BY_CATEGORY", "{not json"),
     ("RESILIENCE_RETRY_AFTER_MAX", -5),
     ("RESILIENCE_RETRY_CONTENT_CHECK", 42),
     ("RESILIENCE_RETRY_CONTENT_CHECK", "no.such.module.check"),
@@ -84,6 +85,11 @@ def test_times_by_category_merges_with_defaults() -> None:
     assert config.retry.times_by_category[Category.SERVER] == 1
     assert config.retry.times_by_category[Category.NETWORK] == 3
     assert config.retry.times_by_category[Category.THROTTLED] == 10
+
+
+def test_times_by_category_from_json_string() -> None:
+    settings = Settings({"RESILIENCE_RETRY_TIMES_BY_CATEGORY": '{"timeout": 0}'})
+    assert load_config(settings).retry.times_by_category[Category.TIMEOUT] == 0
 
 
 def test_strings_from_command_line_accepted() -> None:

@@ -209,8 +209,9 @@ class Circuit:
 
     def drain(self, now: float) -> bool:
         """Cut the remaining open time to at most ``open_seconds`` and make the
-        next probe final. Return whether the circuit was open."""
-        if self.state is not CircuitState.OPEN or self.given_up:
+        next probe final. Return whether this changed anything (the circuit
+        was open and not drained already)."""
+        if self.state is not CircuitState.OPEN or self.given_up or self.final_probe:
             return False
         self.open_until = min(self.open_until, now + self.config.open_seconds)
         self.final_probe = True

@@ -27,7 +27,7 @@ from scrapy.utils.misc import load_object
 from scrapy_resilience.core.classify import Category, classify_exception, classify_status
 from scrapy_resilience.core.headers import cap_retry_after, parse_retry_after
 from scrapy_resilience.core.registry import Decision
-from scrapy_resilience.exceptions import CircuitOpenError
+from scrapy_resilience.exceptions import CircuitOpenError, InvalidSettingError
 from scrapy_resilience.runtime import Attempt, Runtime, Track
 from scrapy_resilience.settings import get_bool
 
@@ -69,6 +69,8 @@ class CircuitBreakerMiddleware:
         runtime = self.runtime
         scheduled = runtime.take_bookkeeping(request)
         if request.meta.get(DONT_CIRCUIT):
+            # Not admitted, but the retry middleware still needs its origin.
+            runtime.tracks[request] = Track(runtime.domain_key(request), scheduled)
             return None
 
         key = runtime.domain_key(request)
@@ -128,13 +130,13 @@ class CircuitBreakerMiddleware:
 class AttemptObserverMiddleware:
     """Record each attempt's outcome for the circuit, pauses and latency.
 
-    Wired by the add-on nearest the download handler; it is part of the
-    circuit breaker and follows ``RESILIENCE_CIRCUIT_ENABLED``.
+    Wired by the add-on nearest the download handler. It also serves the
+    hold, which is not optional, so it stays on when the circuit breaker is
+    switched off: then it only removes the hold's bookkeeping and records
+    attempts, and never holds anything back.
     """
 
     def __init__(self, crawler: Crawler) -> None:
-        if not get_bool(crawler.settings, "RESILIENCE_CIRCUIT_ENABLED"):
-            raise NotConfigured
         self.crawler = crawler
         self.runtime = Runtime.of(crawler)
         settings = crawler.settings
@@ -163,7 +165,7 @@ class AttemptObserverMiddleware:
 
         state = runtime.domain(track.key)
         now = runtime.clock()
-        gated = track.admitted and not request.meta.get(DONT_CIRCUIT)
+        gated = runtime.circuit_active and track.admitted and not request.meta.get(DONT_CIRCUIT)
         if gated and not runtime.registry.attempt_allowed(state, now, probe=track.probe):
             runtime.finish(request)
             runtime.stats.inc_value("resilience/admission/held_back")
@@ -262,9 +264,19 @@ class AttemptObserverMiddleware:
 
 
 def _load_exception_classes(paths: list[object]) -> tuple[type[BaseException], ...]:
+    """Load ``RETRY_EXCEPTIONS``; raise InvalidSettingError for an entry that is
+    not an exception class or its import path."""
     classes = []
     for path in paths:
-        loaded = load_object(path) if isinstance(path, str) else path
-        if isinstance(loaded, type) and issubclass(loaded, BaseException):
-            classes.append(loaded)
+        try:
+            loaded = load_object(path) if isinstance(path, str) else path
+        except (ImportError, NameError, ValueError, AttributeError) as error:
+            raise InvalidSettingError(
+                "RETRY_EXCEPTIONS", path, f"Each entry must be an exception class: {error}."
+            ) from error
+        if not (isinstance(loaded, type) and issubclass(loaded, BaseException)):
+            raise InvalidSettingError(
+                "RETRY_EXCEPTIONS", path, "Each entry must be an exception class or its path."
+            )
+        classes.append(loaded)
     return tuple(classes)

@@ -25,10 +25,12 @@ Rules:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
+from collections.abc import Callable
 from logging import Logger, getLevelName
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from scrapy.downloadermiddlewares.retry import get_retry_request as scrapy_get_retry_request
 from scrapy.exceptions import NotConfigured
@@ -40,7 +42,7 @@ from scrapy_resilience.core.circuit import CircuitState
 from scrapy_resilience.core.classify import Category, classify_exception, classify_status
 from scrapy_resilience.core.headers import cap_retry_after, parse_retry_after
 from scrapy_resilience.downloadermiddlewares.circuitbreaker import _load_exception_classes
-from scrapy_resilience.exceptions import ContentRejectedError
+from scrapy_resilience.exceptions import ContentRejectedError, InvalidSettingError
 from scrapy_resilience.runtime import Runtime
 from scrapy_resilience.settings import get_bool
 
@@ -79,7 +81,7 @@ class BackoffRetryMiddleware:
         )
         self.extra_network = _load_exception_classes(settings.getlist("RETRY_EXCEPTIONS"))
         self.priority_adjust = settings.getint("RETRY_PRIORITY_ADJUST")
-        self.give_up_log_level = settings.get("RETRY_GIVE_UP_LOG_LEVEL", "ERROR")
+        self.give_up_log_level = _log_level(settings.get("RETRY_GIVE_UP_LOG_LEVEL", "ERROR"))
         explicit = (settings.getpriority("RETRY_TIMES") or 0) > SETTINGS_PRIORITIES["default"]
         self.max_retry_times: int | None = settings.getint("RETRY_TIMES") if explicit else None
         self._content_check: Any = None
@@ -99,7 +101,7 @@ class BackoffRetryMiddleware:
         if response.status in (429, 503):
             retry_after = parse_retry_after(response.headers.get("Retry-After"), time.time())
         category = classify_status(response.status, retry_after is not None, self.retry_http_codes)
-        if category is None and not self._content_accepted(response):
+        if category is None and not self._content_accepted(request, response):
             category = Category.CONTENT
         if category is None:
             request.meta.pop(COUNTS_KEY, None)
@@ -226,7 +228,9 @@ class BackoffRetryMiddleware:
             return False
         if category is Category.THROTTLED:
             return True
-        cap = request.meta.get("max_retry_times", self.max_retry_times)
+        cap = request.meta.get("max_retry_times")
+        if cap is None:
+            cap = self.max_retry_times
         return cap is None or retry_times <= cap
 
     def _give_up(self, request: Request, category: Category, reason: str, retry_times: int) -> None:
@@ -248,29 +252,59 @@ class BackoffRetryMiddleware:
             extra={"spider": self.crawler.spider},
         )
 
-    def _content_accepted(self, response: Response) -> bool:
-        check = self.config.content_check
-        if check is None:
+    def _content_accepted(self, request: Request, response: Response) -> bool:
+        """Run the content check on a response to a spider's request.
+
+        Direct downloads (robots.txt, media files) are not the spider's pages,
+        so the check never sees them.
+        """
+        if self.config.content_check is None:
             return True
+        track = self.runtime.tracks.get(request)
+        if track is not None and not track.scheduled:
+            return True
+        if self._content_check is None:
+            self._content_check = self._resolve_content_check()
+        return bool(self._content_check(response))
+
+    def _resolve_content_check(self) -> Callable[[Response], Any]:
+        check = self.config.content_check
+        spider = self.crawler.spider
         if isinstance(check, str):
-            check = getattr(self.crawler.spider, check, None)
-            if check is None:
+            method = getattr(spider, check, None)
+            if not callable(method):
                 raise AttributeError(
                     "RESILIENCE_RETRY_CONTENT_CHECK names the spider method "
-                    f"{self.config.content_check!r}, but the spider has no such method."
+                    f"{check!r}, but the spider has no such method."
                 )
-            return bool(check(response))
+            return cast(Callable[[Response], Any], method)
+        assert check is not None
+        # Decide once from the signature, so a TypeError raised inside the
+        # check is never mistaken for a wrong number of arguments.
         try:
-            return bool(check(response, self.crawler.spider))
-        except TypeError:
-            return bool(check(response))
+            parameters = inspect.signature(check).parameters.values()
+        except (TypeError, ValueError):
+            return check
+        positional = [
+            p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+        takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in parameters)
+        if takes_varargs or len(positional) >= 2:
+            return lambda response: check(response, spider)
+        return check
 
 
-def _log_level(level: int | str) -> int:
-    if isinstance(level, int):
+def _log_level(level: int | str, name: str = "RETRY_GIVE_UP_LOG_LEVEL") -> int:
+    """Return a logging level from a number or a level name; raise
+    InvalidSettingError for anything else, as Scrapy does at start-up."""
+    if isinstance(level, int) and not isinstance(level, bool):
         return level
     resolved = getLevelName(str(level).upper())
-    return resolved if isinstance(resolved, int) else logging.ERROR
+    if not isinstance(resolved, int):
+        raise InvalidSettingError(
+            name, level, "It must be a logging level such as 'ERROR', 'WARNING' or 40."
+        )
+    return resolved
 
 
 def get_retry_request(
