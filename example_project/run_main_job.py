@@ -187,6 +187,7 @@ class HostResult:
 
     name: str
     profile: str
+    domain: str
     expected: set[str]
     scraped: set[str]
     requests: Counter[Any]
@@ -210,7 +211,7 @@ def collect_results(
         expected = set() if host["profile"] in UNREACHABLE_PROFILES else reachable
         item_host = host.get("hostname", host["address"])
         scraped = scraped_by_host.get(item_host, set())
-        results.append(HostResult(name, host["profile"], expected, scraped, statuses))
+        results.append(HostResult(name, host["profile"], item_host, expected, scraped, statuses))
     return results
 
 
@@ -276,7 +277,7 @@ def summary_lines(
         stats = report_stats if isinstance(report_stats, dict) else {}
     lines.extend(_stats_lines(stats))
     if report is not None:
-        lines.extend(_given_up_lines(report))
+        lines.extend(_given_up_lines(report, {result.domain: result.name for result in results}))
     return lines
 
 
@@ -289,7 +290,7 @@ def _stats_lines(stats: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _given_up_lines(report: dict[str, Any]) -> list[str]:
+def _given_up_lines(report: dict[str, Any], names: dict[str, str]) -> list[str]:
     domains = report.get("domains")
     if not isinstance(domains, dict):
         return ["given up: the report has no 'domains' section"]
@@ -308,8 +309,9 @@ def _given_up_lines(report: dict[str, Any]) -> list[str]:
         failure_text = ", ".join(
             f"{category} {count}" for category, count in sorted(failures.items())
         )
+        label = f"{names[key]} ({key})" if key in names else key
         lines.append(
-            f"  {key}: {state.get('give_up_reason') or 'no reason given'} "
+            f"  {label}: {state.get('give_up_reason') or 'no reason given'} "
             f"(state {state.get('state', '?')}, {state.get('attempts', '?')} attempts, "
             f"{state.get('successes', '?')} successes, failures: {failure_text or 'none'})"
         )

@@ -85,9 +85,10 @@ class Addon:
             raise InvalidSettingError(
                 "AUTOTHROTTLE_ENABLED",
                 True,
-                "Scrapy's AutoThrottle and the bundle's adaptive throttle would both set delays. "
-                "Set AUTOTHROTTLE_ENABLED = False to use the adaptive throttle, or "
-                "RESILIENCE_THROTTLE_ENABLED = False to keep AutoThrottle.",
+                "Scrapy's AutoThrottle and scrapy-resilience's adaptive throttle "
+                "(RESILIENCE_THROTTLE_ENABLED, on by default) would both set download delays.",
+                "Remove AUTOTHROTTLE_ENABLED to let the adaptive throttle pace each domain, "
+                "or set RESILIENCE_THROTTLE_ENABLED = False to keep AutoThrottle.",
             )
 
     @staticmethod

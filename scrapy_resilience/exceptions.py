@@ -43,11 +43,10 @@ class InvalidSettingError(ValueError):
     The message names the setting, the value and what is allowed.
     """
 
-    def __init__(self, name: str, value: object, allowed: str) -> None:
+    def __init__(self, name: str, value: object, allowed: str, fix: str | None = None) -> None:
         self.setting = name
         self.value = value
         self.allowed = allowed
-        super().__init__(
-            f"Invalid value for {name}: {value!r}. {allowed} "
-            f"Fix {name} in your settings or remove it to use the default."
-        )
+        if fix is None:
+            fix = f"Fix {name} in your settings or remove it to use the default."
+        super().__init__(f"Invalid value for {name}: {value!r}. {allowed} {fix}")

@@ -43,6 +43,7 @@ def limited_host(port: int, retry_after: int = 6) -> list[dict[str, object]]:
     ]
 
 
+@pytest.mark.slow
 def test_held_requests_resume_with_jobdir(
     site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult], tmp_path: Path
 ) -> None:

@@ -41,8 +41,15 @@ from scrapy.utils.response import response_status_message
 from scrapy_resilience.core.circuit import CircuitState
 from scrapy_resilience.core.classify import Category, classify_exception, classify_status
 from scrapy_resilience.core.headers import cap_retry_after, parse_retry_after
-from scrapy_resilience.downloadermiddlewares.circuitbreaker import _load_exception_classes
-from scrapy_resilience.exceptions import ContentRejectedError, InvalidSettingError
+from scrapy_resilience.downloadermiddlewares.circuitbreaker import (
+    DONT_CIRCUIT,
+    _load_exception_classes,
+)
+from scrapy_resilience.exceptions import (
+    CircuitOpenError,
+    ContentRejectedError,
+    InvalidSettingError,
+)
 from scrapy_resilience.runtime import Runtime
 from scrapy_resilience.settings import get_bool
 
@@ -153,6 +160,12 @@ class BackoffRetryMiddleware:
         scheduled = track.scheduled if track is not None else runtime.take_bookkeeping(request)
         key = track.key if track is not None else runtime.domain_key(request)
         state = runtime.domain(key)
+        if runtime.circuit_active and state.circuit.given_up and not request.meta.get(DONT_CIRCUIT):
+            # A retry could only fail in admission: fail now, with the same error.
+            request.meta.pop(COUNTS_KEY, None)
+            state.rejected += 1
+            runtime.stats.inc_value("resilience/circuit/rejected")
+            raise CircuitOpenError(key, state.circuit.give_up_reason or "given up")
         counts: dict[str, Any] = dict(request.meta.get(COUNTS_KEY) or {})
         reason_name = (
             global_object_name(reason.__class__) if isinstance(reason, Exception) else reason
