@@ -10,6 +10,8 @@ from scrapy_resilience.downloadermiddlewares.circuitbreaker import (
 )
 from scrapy_resilience.downloadermiddlewares.retry import BackoffRetryMiddleware, get_retry_request
 from scrapy_resilience.exceptions import CircuitOpenError, ContentRejectedError, InvalidSettingError
+from scrapy_resilience.extensions.health import HealthMonitor
+from scrapy_resilience.extensions.memory import MemoryGuard
 
 __version__ = "0.1.0"
 
@@ -20,7 +22,9 @@ __all__ = [
     "CircuitBreakerMiddleware",
     "CircuitOpenError",
     "ContentRejectedError",
+    "HealthMonitor",
     "InvalidSettingError",
+    "MemoryGuard",
     "__version__",
     "get_retry_request",
 ]

@@ -66,7 +66,7 @@ def bound_healthy_domains(domains: dict[str, Any], max_healthy: int) -> dict[str
     """Remove all but the ``max_healthy`` busiest healthy domains from ``domains``.
 
     A domain is healthy when it has no failure, was not given up, had no
-    request rejected and left nothing held at close; every other domain is
+    request rejected and left nothing held at close. Every other domain is
     kept. Return the count and the attempts of the domains removed.
     """
     healthy = [

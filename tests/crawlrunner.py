@@ -16,7 +16,8 @@ Memory workloads, all optional: ``hold_megabytes`` makes each of the first
 ``hold_pages`` callbacks (default: all) hold an anonymous memory map of that
 size for ``hold_seconds`` (default 1); ``child_megabytes`` starts a child
 process at spider open that holds that much memory until the memory guard
-first lowers concurrency (or the crawl ends); ``sample_tree_memory`` (seconds)
+first lowers concurrency, or until the crawl ends with ``child_keep``;
+``sample_tree_memory`` (seconds)
 samples the PSS of the crawl process and its descendants in a thread, into
 ``tree_memory`` and ``tree_memory_peak_mb``.
 """
@@ -56,6 +57,7 @@ for offset in range(0, size, mmap.PAGESIZE):
     buffer[offset] = 1
 sys.stdin.read()
 """
+
 
 def not_banned(response: Any) -> bool:
     """Content check for tests: reject the fault site's block page."""
@@ -175,9 +177,7 @@ class ProbeSpider(scrapy.Spider):
         )
         from twisted.internet import reactor
 
-        reactor.callLater(
-            self.spec.get("hold_seconds", 1.0), self._free_memory, buffer, megabytes
-        )
+        reactor.callLater(self.spec.get("hold_seconds", 1.0), self._free_memory, buffer, megabytes)
 
     def _free_memory(self, buffer: mmap.mmap, megabytes: float) -> None:
         buffer.close()
@@ -191,6 +191,8 @@ class ProbeSpider(scrapy.Spider):
     def _release_child(self, old_concurrency: int, new_concurrency: int, **kwargs: Any) -> None:
         child = self.child
         if child is None or new_concurrency >= old_concurrency or child.stdin is None:
+            return
+        if self.spec.get("child_keep"):
             return
         if not child.stdin.closed:
             child.stdin.close()
@@ -285,10 +287,12 @@ def main(spec_path: str) -> None:
     settings = {"LOG_LEVEL": "DEBUG", "TELNETCONSOLE_ENABLED": False, **spec["settings"]}
     process = CrawlerProcess(settings, install_root_handler=True)
     crawler = process.create_crawler(ProbeSpider)
+
     sampler = None
     if spec.get("sample_tree_memory"):
         sampler = TreeMemorySampler(float(spec["sample_tree_memory"]))
         sampler.start()
+
     started = time.monotonic()
     process.crawl(crawler, spec=spec, record=record)
     process.start()
@@ -302,6 +306,7 @@ def main(spec_path: str) -> None:
         sampler.join()
         record["tree_memory"] = sampler.samples
         record["tree_memory_peak_mb"] = max((mb for _, mb in sampler.samples), default=0.0)
+
     stats = crawler.stats.get_stats() if crawler.stats else {}
     record["stats"] = {
         key: value if isinstance(value, (int, float, str)) else str(value)

@@ -3,6 +3,7 @@ and the bundle with its circuit breaker switched off."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
@@ -27,7 +28,7 @@ def min_gaps(arrivals: list[dict[str, object]]) -> list[float]:
     gaps = []
     for times in by_path.values():
         times.sort()
-        gaps += [later - earlier for earlier, later in zip(times, times[1:])]
+        gaps += [later - earlier for earlier, later in itertools.pairwise(times)]
     return gaps
 
 
@@ -35,13 +36,21 @@ def test_content_check_retries_ban_pages(
     site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
 ) -> None:
     seed, rate = 3, 0.5
-    running = site([{"name": "ban", "address": "127.0.0.14", "profile": "ban", "rate": rate}], pages=PAGES, seed=seed)
+    running = site(
+        [{"name": "ban", "address": "127.0.0.14", "profile": "ban", "rate": rate}],
+        pages=PAGES,
+        seed=seed,
+    )
     paths = PATHS
     start = [running.url("ban", path.lstrip("/")) for path in paths]
-    result = crawl(start, {"RESILIENCE_RETRY_CONTENT_CHECK": "tests.crawlrunner.not_banned"}, follow=False)
+    result = crawl(
+        start, {"RESILIENCE_RETRY_CONTENT_CHECK": "tests.crawlrunner.not_banned"}, follow=False
+    )
 
     def rejected(path: str) -> bool:
-        return all(fault_hits("ban", seed, "ban", path, attempt, rate=rate) for attempt in (1, 2, 3))
+        return all(
+            fault_hits("ban", seed, "ban", path, attempt, rate=rate) for attempt in (1, 2, 3)
+        )
 
     expected_failed = {path for path in paths if rejected(path)}
     assert expected_failed, "the seed must ban some pages on every attempt"
@@ -57,9 +66,14 @@ def test_dont_circuit_retries_still_wait(
     site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
 ) -> None:
     seed, rate = 7, 0.5
-    running = site([{"name": "flaky", "address": "127.0.0.6", "profile": "flaky", "rate": rate}], pages=PAGES, seed=seed)
+    running = site(
+        [{"name": "flaky", "address": "127.0.0.6", "profile": "flaky", "rate": rate}],
+        pages=PAGES,
+        seed=seed,
+    )
     start = [
-        {"url": running.url("flaky", path.lstrip("/")), "meta": {"resilience_dont_circuit": True}} for path in PATHS
+        {"url": running.url("flaky", path.lstrip("/")), "meta": {"resilience_dont_circuit": True}}
+        for path in PATHS
     ]
     result = crawl(start, {"RESILIENCE_RETRY_BACKOFF_BASE": 1.0}, follow=False)
 
@@ -75,7 +89,11 @@ def test_circuit_off_keeps_retry_and_clean_meta(
     site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult]
 ) -> None:
     seed, rate = 7, 0.5
-    running = site([{"name": "flaky", "address": "127.0.0.6", "profile": "flaky", "rate": rate}], pages=PAGES, seed=seed)
+    running = site(
+        [{"name": "flaky", "address": "127.0.0.6", "profile": "flaky", "rate": rate}],
+        pages=PAGES,
+        seed=seed,
+    )
     result = crawl(
         [running.url("flaky", "index.html")],
         {"RESILIENCE_CIRCUIT_ENABLED": False, "RESILIENCE_RETRY_BACKOFF_BASE": 1.0},

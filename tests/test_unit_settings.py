@@ -50,6 +50,25 @@ INVALID = [
     ("RESILIENCE_REPORT_FILE", 12),
     ("RESILIENCE_REPORT_FILE", "report-%(date)s.json"),
     ("RESILIENCE_REPORT_FILE", "report-100%.json"),
+    # Memory guard and health monitor.
+    ("RESILIENCE_MEMORY_ENABLED", "perhaps"),
+    ("RESILIENCE_MEMORY_MIN_CONCURRENCY", 0),
+    ("RESILIENCE_MEMORY_LOW_WATER_SHARE", 1),
+    ("RESILIENCE_MEMORY_LOW_WATER_SHARE", 0),
+    ("RESILIENCE_MEMORY_RESTORE_SAMPLES", 0),
+    ("RESILIENCE_MEMORY_DECREASE_FACTOR", 1.0),
+    ("RESILIENCE_MEMORY_DECREASE_FACTOR", "half"),
+    ("RESILIENCE_MEMORY_RESTORE_STEP_SHARE", 0),
+    ("RESILIENCE_MEMORY_RESTORE_STEP_SHARE", 1.5),
+    ("RESILIENCE_MEMORY_HARD_LIMIT_MB", -1),
+    ("RESILIENCE_MEMORY_HARD_LIMIT_MB", 256),
+    ("RESILIENCE_MEMORY_CLOSE_AFTER_SECONDS", -10),
+    ("RESILIENCE_MEMORY_CGROUP_SHARE", 1.2),
+    ("RESILIENCE_MEMORY_MIN_AVAILABLE_MB", float("inf")),
+    ("RESILIENCE_MEMORY_FULL_SCAN_INTERVAL", 0),
+    ("RESILIENCE_HEALTH_ENABLED", "sure"),
+    ("RESILIENCE_HEALTH_WORST_DOMAINS", -1),
+    ("RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS", 1.5),
 ]
 
 
@@ -78,6 +97,13 @@ def test_defaults_are_valid() -> None:
     assert config.throttle_max_delay == 10
     assert config.memory_limit_mb == 512
     assert config.health_interval == 30
+    # Memory guard and health monitor.
+    assert config.memory_check_interval == 5
+    assert config.memory.min_concurrency == 1
+    assert config.memory.hard_limit_mb is None
+    assert config.memory.close_after_seconds is None
+    assert config.memory.cgroup_share == 0.8
+    assert config.report_max_healthy_domains == 1000
 
 
 def test_times_by_category_merges_with_defaults() -> None:
