@@ -16,16 +16,16 @@ VENV_PYTHON := $(VENV_BIN)/python
 
 # Extras of pyproject.toml installed into the virtualenv. The stamp file name carries
 # them, so changing EXTRAS triggers a new install.
-EXTRAS ?= test,docs
+EXTRAS ?= test,docs,playwright,scrapyd
 comma := ,
 INSTALL_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 # Debian packages that the demo or the tests need. `make system-deps` installs the
 # missing ones. python3-doc provides the real Python docs that the fault site serves,
-# and python3-venv lets Debian's own python3 create a virtualenv. Append `chromium` for
-# the scrapy-playwright tests, and any system package that the Scrapyd tests need,
-# when those tests land.
-DEBIAN_PACKAGES ?= python3-doc python3-venv
+# and python3-venv lets Debian's own python3 create a virtualenv. chromium is the browser that
+# the scrapy-playwright tests drive. Append any system package that the Scrapyd tests
+# need when those tests land.
+DEBIAN_PACKAGES ?= python3-doc python3-venv chromium
 
 # Extra arguments passed through to pytest, the demo and the benchmarks, for example
 # `make test PYTEST_ARGS='-k circuit -x'` or `make demo DEMO_ARGS=--quick`.

@@ -90,18 +90,29 @@ def report_path(template: str, spider: Spider) -> Path:
 
     As in Scrapy's feed URIs, ``%(name)s`` is the spider name and ``%(time)s``
     the UTC time the report is written (``2026-12-04T21-30-00``, safe in file
-    names); ``%(spider)s`` is the spider name too, and ``%(job)s`` Scrapyd's
-    job id (the ``SCRAPYD_JOB`` environment variable) or the spider name
-    outside Scrapyd.
+    names). ``%(spider)s`` is the spider name too. ``%(job)s`` is Scrapyd's
+    job id (see :func:`scrapyd_job_id`), or the spider name outside Scrapyd.
     """
     now = datetime.now(timezone.utc).replace(microsecond=0)
     values = {
         "name": spider.name,
         "spider": spider.name,
         "time": now.isoformat().replace("+00:00", "").replace(":", "-"),
-        "job": os.environ.get("SCRAPYD_JOB") or spider.name,
+        "job": scrapyd_job_id(spider) or spider.name,
     }
     return Path(template % values)
+
+
+def scrapyd_job_id(spider: Spider) -> str | None:
+    """Return the Scrapyd job id of the crawl, or None outside Scrapyd.
+
+    Scrapyd passes the job id to every job as the ``_job`` spider argument,
+    which ``Spider.__init__`` stores as an attribute (checked on Scrapyd 1.6.0,
+    which sets no job environment variable). Older releases also set the
+    ``SCRAPY_JOB`` environment variable, read when the attribute is missing.
+    """
+    job = getattr(spider, "_job", None) or os.environ.get("SCRAPY_JOB")
+    return str(job) if job else None
 
 
 def write_report(runtime: Runtime, spider: Spider, reason: str) -> None:

@@ -38,6 +38,19 @@ BASE_SETTINGS: dict[str, Any] = {
     "LOG_LEVEL": "DEBUG",
 }
 
+#: Starts the crawl from a small process and passes SIGINT and SIGTERM on.
+#: Linux carries the peak RSS of the process that calls exec into the new
+#: program's ``ru_maxrss``, so a crawl started straight from a pytest process
+#: of 200 MB would report that peak as its own, and Scrapy's MemoryUsage
+#: would read it too.
+LAUNCHER = """
+import signal, subprocess, sys
+child = subprocess.Popen(sys.argv[1:])
+for number in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(number, lambda received, frame: child.send_signal(received))
+sys.exit(child.wait())
+"""
+
 #: Wall-clock bound of one test crawl process; a crawl that hits it failed.
 CRAWL_TIMEOUT = 150
 
@@ -100,13 +113,15 @@ def run_crawl(
         [str(REPO), str(EXAMPLE_PROJECT), env.get("PYTHONPATH", "")]
     )
     with (workdir / "crawl-stderr.log").open("wb") as stderr:
+        runner = [sys.executable, str(REPO / "tests" / "crawlrunner.py"), str(spec_path)]
         process = subprocess.Popen(
-            [sys.executable, str(REPO / "tests" / "crawlrunner.py"), str(spec_path)],
+            [sys.executable, "-c", LAUNCHER, *runner],
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=stderr,
             stderr=stderr,
+            start_new_session=True,
         )
         try:
             if stop_after is not None:
@@ -116,7 +131,8 @@ def run_crawl(
                     process.send_signal(signal.SIGINT)
             process.wait(timeout)
         except subprocess.TimeoutExpired:
-            process.kill()
+            # The launcher and the crawl share the session this call created.
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             log = Path(merged["LOG_FILE"]).read_text(errors="replace")[-5000:]
             pytest.fail(f"crawl did not finish within {timeout}s; end of its log:\n{log}")
