@@ -22,9 +22,9 @@ INSTALL_STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 # Debian packages that the demo or the tests need. `make system-deps` installs the
 # missing ones. python3-doc provides the real Python docs that the fault site serves,
-# and python3-venv lets Debian's own python3 create a virtualenv. chromium is the browser that
-# the scrapy-playwright tests drive. Append any system package that the Scrapyd tests
-# need when those tests land.
+# and python3-venv lets Debian's own python3 create a virtualenv. chromium is the
+# browser that the scrapy-playwright tests drive. Append any system package that the
+# Scrapyd tests need when those tests land.
 DEBIAN_PACKAGES ?= python3-doc python3-venv chromium
 
 # Extra arguments passed through to pytest, the demo and the benchmarks, for example

@@ -5,6 +5,7 @@ ADDONS = {"scrapy_resilience.Addon": 500}
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,7 @@ from scrapy_resilience.downloadermiddlewares.retry import BackoffRetryMiddleware
 from scrapy_resilience.exceptions import InvalidSettingError
 from scrapy_resilience.extensions.health import HealthMonitor
 from scrapy_resilience.extensions.memory import MemoryGuard
+from scrapy_resilience.extensions.playwright import PlaywrightMonitor
 from scrapy_resilience.settings import load_config
 
 if TYPE_CHECKING:
@@ -76,6 +78,11 @@ class Addon:
         extensions = "EXTENSIONS"
         settings.set_in_component_priority_dict(extensions, MemoryGuard, EXTENSION_PRIORITY)
         settings.set_in_component_priority_dict(extensions, HealthMonitor, EXTENSION_PRIORITY)
+        # scrapy-playwright support: only where scrapy-playwright is installed.
+        if importlib.util.find_spec("scrapy_playwright") is not None:
+            settings.set_in_component_priority_dict(
+                extensions, PlaywrightMonitor, EXTENSION_PRIORITY
+            )
 
         self._warn_memusage(settings, config.memory_limit_mb, config.memory_enabled)
 

@@ -81,6 +81,15 @@ DEFAULTS: dict[str, Any] = {
     "RESILIENCE_MEMORY_FULL_SCAN_INTERVAL": 30.0,
     "RESILIENCE_HEALTH_WORST_DOMAINS": 10,
     "RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS": 1000,
+    # scrapy-playwright support.
+    "RESILIENCE_PLAYWRIGHT_ENABLED": True,
+    "RESILIENCE_PLAYWRIGHT_RETRY_TIMES": 2,
+    "RESILIENCE_PLAYWRIGHT_CHECK_INTERVAL": 5.0,
+    "RESILIENCE_PLAYWRIGHT_LEAK_MIN_PAGES": 3,
+    "RESILIENCE_PLAYWRIGHT_LEAK_CHECKS": 3,
+    "RESILIENCE_PLAYWRIGHT_RECYCLE": False,
+    "RESILIENCE_PLAYWRIGHT_RECYCLE_TIMEOUT": 60.0,
+    "RESILIENCE_PLAYWRIGHT_RECYCLE_MIN_INTERVAL": 60.0,
 }
 
 
@@ -317,6 +326,47 @@ def _share_below_one(settings: BaseSettings, name: str) -> float:
 
 
 @dataclass(frozen=True)
+class PlaywrightConfig:
+    """scrapy-playwright support, read from ``RESILIENCE_PLAYWRIGHT_*``.
+
+    ``retry_times`` bounds the retries of a request whose browser page crashed
+    or closed. A page leak is reported when open pages exceed the requests in
+    flight through the browser by ``leak_min_pages`` or more on
+    ``leak_checks`` checks in a row, made every ``check_interval`` seconds.
+    With ``recycle``, a leak, or memory above the limit at the memory guard's
+    minimum concurrency (at most once per ``recycle_min_interval`` seconds),
+    also closes the browser once nothing is in flight, waiting at most
+    ``recycle_timeout`` seconds for that.
+    """
+
+    enabled: bool
+    retry_times: int
+    check_interval: float
+    leak_min_pages: int
+    leak_checks: int
+    recycle: bool
+    recycle_timeout: float
+    recycle_min_interval: float
+
+
+def _playwright_config(settings: BaseSettings) -> PlaywrightConfig:
+    return PlaywrightConfig(
+        enabled=get_bool(settings, "RESILIENCE_PLAYWRIGHT_ENABLED"),
+        retry_times=get_int(settings, "RESILIENCE_PLAYWRIGHT_RETRY_TIMES", 0),
+        check_interval=get_float(
+            settings, "RESILIENCE_PLAYWRIGHT_CHECK_INTERVAL", 0, exclusive_minimum=True
+        ),
+        leak_min_pages=get_int(settings, "RESILIENCE_PLAYWRIGHT_LEAK_MIN_PAGES", 1),
+        leak_checks=get_int(settings, "RESILIENCE_PLAYWRIGHT_LEAK_CHECKS", 1),
+        recycle=get_bool(settings, "RESILIENCE_PLAYWRIGHT_RECYCLE"),
+        recycle_timeout=get_float(
+            settings, "RESILIENCE_PLAYWRIGHT_RECYCLE_TIMEOUT", 0, exclusive_minimum=True
+        ),
+        recycle_min_interval=get_float(settings, "RESILIENCE_PLAYWRIGHT_RECYCLE_MIN_INTERVAL", 0),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """Every ``RESILIENCE_*`` setting, validated."""
 
@@ -340,6 +390,8 @@ class Config:
     memory: MemoryConfig
     health_worst_domains: int
     report_max_healthy_domains: int
+    # scrapy-playwright support.
+    playwright: PlaywrightConfig
 
 
 def _circuit_config(settings: BaseSettings) -> CircuitConfig:
@@ -427,4 +479,6 @@ def load_config(settings: BaseSettings) -> Config:
         memory=_memory_config(settings),
         health_worst_domains=get_int(settings, "RESILIENCE_HEALTH_WORST_DOMAINS", 0),
         report_max_healthy_domains=get_int(settings, "RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS", 0),
+        # scrapy-playwright support.
+        playwright=_playwright_config(settings),
     )

@@ -19,11 +19,19 @@ process at spider open that holds that much memory until the memory guard
 first lowers concurrency, or until the crawl ends with ``child_keep``;
 ``sample_tree_memory`` (seconds)
 samples the PSS of the crawl process and its descendants in a thread, into
-``tree_memory`` and ``tree_memory_peak_mb``.
+``tree_memory`` and ``tree_memory_peak_mb``, and the names of those processes
+into ``tree_process_names``.
+
+Browser requests: a request dict may hold ``page_methods``, a list of
+``[method name, argument...]`` lists that become scrapy-playwright's
+``playwright_page_methods``; a name of ``PAGE_FUNCTIONS`` calls that function
+with the page instead. Each errback record also holds the exception's
+``message`` (its first 300 characters).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mmap
 import resource
@@ -57,6 +65,25 @@ for offset in range(0, size, mmap.PAGESIZE):
     buffer[offset] = 1
 sys.stdin.read()
 """
+
+
+async def crash_renderer(page: Any) -> None:
+    """Crash the renderer process of a Playwright page with the DevTools command
+    ``Page.crash``, as an out-of-memory kill or a renderer bug would."""
+    session = await page.context.new_cdp_session(page)
+    crashed = asyncio.get_running_loop().create_future()
+    page.once("crash", lambda _page: crashed.done() or crashed.set_result(None))
+    # Chromium never answers Page.crash, so the command is sent without waiting
+    # for its answer, and the page's crash event ends the wait.
+    command = asyncio.ensure_future(session.send("Page.crash"))
+    try:
+        await asyncio.wait_for(crashed, 10)
+    finally:
+        command.cancel()
+
+
+#: Functions that ``page_methods`` names call with the page.
+PAGE_FUNCTIONS = {"crash_renderer": crash_renderer}
 
 
 def not_banned(response: Any) -> bool:
@@ -116,9 +143,17 @@ class ProbeSpider(scrapy.Spider):
     async def start(self) -> Any:
         for entry in self.spec["start"]:
             options = {"url": entry} if isinstance(entry, str) else entry
+            meta = dict(options.get("meta", {}))
+            if options.get("page_methods"):
+                from scrapy_playwright.page import PageMethod
+
+                meta["playwright_page_methods"] = [
+                    PageMethod(PAGE_FUNCTIONS.get(name, name), *arguments)
+                    for name, *arguments in options["page_methods"]
+                ]
             yield scrapy.Request(
                 options["url"],
-                meta=options.get("meta", {}),
+                meta=meta,
                 priority=options.get("priority", 0),
                 dont_filter=options.get("dont_filter", False),
                 errback=self.errback,
@@ -156,6 +191,7 @@ class ProbeSpider(scrapy.Spider):
             {
                 "url": request.url,
                 "exception": type(failure.value).__name__,
+                "message": str(failure.value)[:300],
                 "category": request.meta.get("resilience_category"),
                 "time": time.monotonic(),
             }
@@ -257,6 +293,7 @@ class TreeMemorySampler(threading.Thread):
         super().__init__(daemon=True)
         self.interval = interval
         self.samples: list[tuple[float, float]] = []
+        self.process_names: set[str] = set()
         self.stopped = threading.Event()
 
     def run(self) -> None:
@@ -266,6 +303,7 @@ class TreeMemorySampler(threading.Thread):
             for member in [process, *process.children(recursive=True)]:
                 try:
                     total += member.memory_full_info().pss
+                    self.process_names.add(member.name())
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             self.samples.append((time.monotonic(), total / MB))
@@ -306,6 +344,7 @@ def main(spec_path: str) -> None:
         sampler.join()
         record["tree_memory"] = sampler.samples
         record["tree_memory_peak_mb"] = max((mb for _, mb in sampler.samples), default=0.0)
+        record["tree_process_names"] = sorted(sampler.process_names)
 
     stats = crawler.stats.get_stats() if crawler.stats else {}
     record["stats"] = {

@@ -35,11 +35,17 @@ from typing import TYPE_CHECKING, Any, cast
 from scrapy.downloadermiddlewares.retry import get_retry_request as scrapy_get_retry_request
 from scrapy.exceptions import NotConfigured
 from scrapy.settings import SETTINGS_PRIORITIES
+from scrapy.utils.defer import deferred_from_coro
 from scrapy.utils.python import global_object_name
 from scrapy.utils.response import response_status_message
 
 from scrapy_resilience.core.circuit import CircuitState
-from scrapy_resilience.core.classify import Category, classify_exception, classify_status
+from scrapy_resilience.core.classify import (
+    Category,
+    classify_exception,
+    classify_status,
+    is_browser_fault,
+)
 from scrapy_resilience.core.headers import cap_retry_after, parse_retry_after
 from scrapy_resilience.downloadermiddlewares.circuitbreaker import (
     DONT_CIRCUIT,
@@ -70,6 +76,11 @@ CATEGORY_KEY = "resilience_category"
 
 CIRCUIT_CATEGORIES = frozenset({Category.NETWORK, Category.TIMEOUT, Category.SERVER})
 
+#: Retry key of browser faults (a crashed page, a closed page, context or
+#: browser) in the per-request counts, stats and ``resilience_category``. It is
+#: no :class:`Category`, because such a failure says nothing about the site.
+BROWSER_FAULT = "browser"
+
 
 class BackoffRetryMiddleware:
     """Retry failed downloads after a jittered backoff, per failure category."""
@@ -92,6 +103,7 @@ class BackoffRetryMiddleware:
         explicit = (settings.getpriority("RETRY_TIMES") or 0) > SETTINGS_PRIORITIES["default"]
         self.max_retry_times: int | None = settings.getint("RETRY_TIMES") if explicit else None
         self._content_check: Any = None
+        self.browser_retry_times = self.runtime.config.playwright.retry_times
 
     @classmethod
     def from_crawler(cls, crawler: Crawler) -> Self:
@@ -140,10 +152,47 @@ class BackoffRetryMiddleware:
             request.meta.pop(COUNTS_KEY, None)
             return None
         category = classify_exception(exception, self.extra_network)
+        if category is None and is_browser_fault(exception):
+            return self.retry_browser_fault(request, exception)
         if category is None:
             request.meta.pop(COUNTS_KEY, None)
             return None
         return self.retry(request, category, exception)
+
+    def retry_browser_fault(self, request: Request, exception: Exception) -> Request | None:
+        """Return a retry of a request whose browser page crashed or closed, or
+        None once it had ``RESILIENCE_PLAYWRIGHT_RETRY_TIMES`` such retries.
+
+        The retry waits out the backoff in the hold, as other retries do, and
+        counts toward ``max_retry_times``. The circuit never waits on these
+        failures: the observer records no outcome for them.
+        """
+        runtime = self.runtime
+        track = runtime.tracks.get(request)
+        scheduled = track.scheduled if track is not None else runtime.take_bookkeeping(request)
+        counts: dict[str, Any] = dict(request.meta.get(COUNTS_KEY) or {})
+        reason_name = global_object_name(exception.__class__)
+
+        used = counts.get(BROWSER_FAULT, 0) + 1
+        counts[BROWSER_FAULT] = used
+        retry_times = request.meta.get("retry_times", 0) + 1
+        if used > self.browser_retry_times or not self._within_cap(request, retry_times):
+            self._give_up(request, BROWSER_FAULT, reason_name, retry_times)
+            return None
+        retry = self._build_retry(
+            request,
+            counts,
+            retry_times=retry_times,
+            category=BROWSER_FAULT,
+            reason_name=reason_name,
+            scheduled=scheduled,
+        )
+        # With playwright_include_page, scrapy-playwright keeps the failed page
+        # in meta and would reuse it: a crashed page is not closed, and fails again.
+        page = retry.meta.pop("playwright_page", None)
+        if page is not None:
+            _close_page_later(page)
+        return retry
 
     def retry(
         self,
@@ -184,9 +233,38 @@ class BackoffRetryMiddleware:
                 self._give_up(request, category, reason_name, retry_times)
                 return None
 
+        if circuit_wait:
+            runtime.stats.inc_value("resilience/retry/circuit_wait")
+        if category is not Category.THROTTLED:
+            retry_after = None
+        return self._build_retry(
+            request,
+            counts,
+            retry_times=retry_times,
+            category=category.value,
+            reason_name=reason_name,
+            scheduled=scheduled,
+            retry_after=retry_after,
+        )
+
+    def _build_retry(
+        self,
+        request: Request,
+        counts: dict[str, Any],
+        *,
+        retry_times: int,
+        category: str,
+        reason_name: str,
+        scheduled: bool,
+        retry_after: float | None = None,
+    ) -> Request:
+        """Return the retry of ``request``, held for ``retry_after`` seconds, or
+        else the backoff delay, when ``scheduled``. ``counts`` and
+        ``retry_times`` already count this retry."""
+        runtime = self.runtime
         attempts = counts.get("attempts", 1)
         counts["attempts"] = attempts + 1
-        if retry_after is not None and category is Category.THROTTLED:
+        if retry_after is not None:
             delay = retry_after
         else:
             delay = self.config.backoff.delay(attempts, runtime.rng, counts.get("delay"))
@@ -206,9 +284,7 @@ class BackoffRetryMiddleware:
         stats = runtime.stats
         stats.inc_value("retry/count")
         stats.inc_value(f"retry/reason_count/{reason_name}")
-        stats.inc_value(f"resilience/retry/category/{category.value}")
-        if circuit_wait:
-            stats.inc_value("resilience/retry/circuit_wait")
+        stats.inc_value(f"resilience/retry/category/{category}")
         if scheduled:
             runtime.hold_later(new_request, runtime.clock() + delay, "retry")
             stats.inc_value("resilience/retry/delayed")
@@ -218,7 +294,7 @@ class BackoffRetryMiddleware:
             {
                 "request": request,
                 "delay": delay if scheduled else 0.0,
-                "category": category.value,
+                "category": category,
                 "attempts": attempts,
                 "reason": reason_name,
             },
@@ -241,17 +317,25 @@ class BackoffRetryMiddleware:
             return False
         if category is Category.THROTTLED:
             return True
+        return self._within_cap(request, retry_times)
+
+    def _within_cap(self, request: Request, retry_times: int) -> bool:
+        """Return whether ``retry_times`` is within ``max_retry_times`` (meta)
+        or ``RETRY_TIMES`` when the project sets it."""
         cap = request.meta.get("max_retry_times")
         if cap is None:
             cap = self.max_retry_times
         return cap is None or retry_times <= cap
 
-    def _give_up(self, request: Request, category: Category, reason: str, retry_times: int) -> None:
+    def _give_up(
+        self, request: Request, category: Category | str, reason: str, retry_times: int
+    ) -> None:
+        name = category.value if isinstance(category, Category) else category
         request.meta.pop(COUNTS_KEY, None)
-        request.meta[CATEGORY_KEY] = category.value
+        request.meta[CATEGORY_KEY] = name
         stats = self.runtime.stats
         stats.inc_value("retry/max_reached")
-        stats.inc_value(f"resilience/retry/gave_up/{category.value}")
+        stats.inc_value(f"resilience/retry/gave_up/{name}")
         level = _log_level(request.meta.get("give_up_log_level", self.give_up_log_level))
         logger.log(
             level,
@@ -259,7 +343,7 @@ class BackoffRetryMiddleware:
             {
                 "request": request,
                 "retry_times": retry_times,
-                "category": category.value,
+                "category": name,
                 "reason": reason,
             },
             extra={"spider": self.crawler.spider},
@@ -305,6 +389,15 @@ class BackoffRetryMiddleware:
         if takes_varargs or len(positional) >= 2:
             return lambda response: check(response, spider)
         return check
+
+
+def _close_page_later(page: Any) -> None:
+    """Close a Playwright page in the background; log at DEBUG when that fails."""
+
+    def log_failure(failure: Any) -> None:
+        logger.debug("Closing a failed browser page failed: %(error)s", {"error": failure.value})
+
+    deferred_from_coro(page.close()).addErrback(log_failure)
 
 
 def _log_level(level: int | str, name: str = "RETRY_GIVE_UP_LOG_LEVEL") -> int:

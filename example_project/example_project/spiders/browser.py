@@ -1,0 +1,145 @@
+"""Spider ``browser``: render pages whose content is written by JavaScript, with
+scrapy-playwright and a real Chromium.
+
+Only this spider downloads through the browser: its ``custom_settings`` install
+scrapy-playwright's download handlers and the asyncio reactor that they need, so the
+other spiders of the project keep Scrapy's own HTTP handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, ClassVar
+from urllib.parse import urldefrag, urljoin
+
+import scrapy
+from scrapy.http import Response
+from twisted.python.failure import Failure
+
+from example_project.spiders.docs import (
+    build_link_extractor,
+    is_same_origin,
+    start_urls_from_ready_file,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Debian's ``chromium`` package installs the browser binary here;
+#: ``/usr/bin/chromium`` is a wrapper script that Playwright cannot drive.
+#: The ``CHROMIUM_EXECUTABLE`` environment variable names another Chromium build.
+CHROMIUM_EXECUTABLE = os.environ.get("CHROMIUM_EXECUTABLE", "/usr/lib/chromium/chromium")
+
+#: Chromium flags for a crawl on a machine without a display. The last three stop
+#: Chromium's own traffic to Google services (component updates, sync, field trials),
+#: which a crawl kept on loopback must never send.
+CHROMIUM_ARGS = [
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+#: Launch options of ``PLAYWRIGHT_LAUNCH_OPTIONS``. Playwright adds ``--no-sandbox``
+#: by itself when it runs as root.
+LAUNCH_OPTIONS: dict[str, Any] = {
+    "executable_path": CHROMIUM_EXECUTABLE,
+    "headless": True,
+    "args": CHROMIUM_ARGS,
+}
+
+#: The part of the fault site whose pages are written by inline scripts.
+JS_SECTION = "/js/"
+
+
+class BrowserSpider(scrapy.Spider):
+    """Render the JavaScript pages of one or more hosts and yield
+    ``{"url", "title", "text"}`` per page, as the browser shows them.
+
+    Spider arguments (one is required):
+
+    - ``urls``: comma-separated start URLs;
+    - ``site``: path of a fault site's ready file; each host is entered through
+      ``/js/index.html``.
+
+    Links are followed when they stay on the page's origin and under ``/js/``.
+    """
+
+    name = "browser"
+
+    custom_settings: ClassVar[dict[str, Any]] = {
+        "DOWNLOAD_HANDLERS": {
+            "http": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
+            "https": "scrapy_playwright.handler.ScrapyPlaywrightDownloadHandler",
+        },
+        "TWISTED_REACTOR": "twisted.internet.asyncioreactor.AsyncioSelectorReactor",
+        "PLAYWRIGHT_BROWSER_TYPE": "chromium",
+        "PLAYWRIGHT_LAUNCH_OPTIONS": LAUNCH_OPTIONS,
+        # At most 3 pages open at once, which bounds the renderer processes.
+        "PLAYWRIGHT_MAX_PAGES_PER_CONTEXT": 3,
+        # Scrapy would send more requests than the browser has pages for; the
+        # surplus would only wait inside the handler for a free page.
+        "CONCURRENT_REQUESTS": 3,
+        # The memory guard measures the Scrapy process, the Node driver and every
+        # Chromium process together. Three of the fault site's small pages took
+        # them to about 670 MB of PSS (one run, Chromium 156), so 1024 MB leaves
+        # room for heavier real pages.
+        "RESILIENCE_MEMORY_LIMIT_MB": 1024,
+    }
+
+    def __init__(self, urls: str | None = None, site: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        start_urls = [url.strip() for url in (urls or "").split(",") if url.strip()]
+        if site:
+            start_urls.extend(
+                urljoin(url, JS_SECTION + "index.html") for url in start_urls_from_ready_file(site)
+            )
+        if not start_urls:
+            raise ValueError(
+                "spider 'browser' needs a start: pass -a urls=URL[,URL...] or -a site=READY_FILE"
+            )
+
+        self.start_urls = start_urls
+        self.link_extractor = build_link_extractor()
+        self.requested: set[str] = set()
+
+    async def start(self) -> AsyncIterator[scrapy.Request]:
+        """Yield a browser request for every start URL."""
+        for url in self.start_urls:
+            request = self._request(url)
+            if request is not None:
+                yield request
+
+    def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
+        """Yield the rendered page's item, then a request per new link under ``/js/``."""
+        title = response.css("title::text").get(default="").strip()
+        text = response.css("#js-text::text").get(default="").strip()
+        yield {"url": response.url, "title": title, "text": text}
+
+        for link in self.link_extractor.extract_links(response):
+            if is_same_origin(link.url, response.url) and JS_SECTION in link.url:
+                request = self._request(link.url)
+                if request is not None:
+                    yield request
+
+    def record_failure(self, failure: Failure) -> None:
+        """Count a failed request in the ``browser/errback/<exception class>`` stat."""
+        error_name = type(failure.value).__name__
+        if self.crawler.stats is not None:
+            self.crawler.stats.inc_value(f"browser/errback/{error_name}")
+        request = getattr(failure, "request", None)
+        logger.debug(
+            "Request failed: %(url)s: %(error)s",
+            {"url": getattr(request, "url", "?"), "error": repr(failure.value)},
+        )
+
+    def _request(self, url: str) -> scrapy.Request | None:
+        url = urldefrag(url).url
+        if url in self.requested:
+            return None
+        self.requested.add(url)
+        return scrapy.Request(
+            url, callback=self.parse, errback=self.record_failure, meta={"playwright": True}
+        )
