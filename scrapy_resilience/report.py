@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from scrapy import Spider
 
+    from scrapy_resilience.core.registry import DomainState
     from scrapy_resilience.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -33,19 +34,10 @@ def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any
         circuit = state.circuit
         if not (state.attempts or state.held or circuit.given_up or state.rejected):
             continue
-        fields = domains[state.key] = {
-            "state": circuit.state.value,
-            "given_up": circuit.given_up,
-            "give_up_reason": circuit.give_up_reason,
-            "attempts": state.attempts,
-            "successes": state.successes,
-            "failures": dict(state.failures or {}),
-            "circuit_opened": circuit.times_opened,
-            "rejected": state.rejected,
-            "held_at_close": sum(1 for item in runtime.unfinished if item["domain"] == state.key),
-        }
-        for extend in runtime.report_extenders:
-            extend(state.key, fields)
+        fields = domains[state.key] = domain_fields(runtime, state)
+        fields["held_at_close"] = sum(
+            1 for item in runtime.unfinished if item["domain"] == state.key
+        )
     omitted = bound_healthy_domains(domains, runtime.config.report_max_healthy_domains)
     return {
         "spider": spider.name,
@@ -60,6 +52,24 @@ def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any
         "healthy_domains_omitted": omitted,
         "unfinished": runtime.unfinished,
     }
+
+
+def domain_fields(runtime: Runtime, state: DomainState) -> dict[str, Any]:
+    """Return one domain's report fields: the registry's, then every extender's."""
+    circuit = state.circuit
+    fields: dict[str, Any] = {
+        "state": circuit.state.value,
+        "given_up": circuit.given_up,
+        "give_up_reason": circuit.give_up_reason,
+        "attempts": state.attempts,
+        "successes": state.successes,
+        "failures": dict(state.failures or {}),
+        "circuit_opened": circuit.times_opened,
+        "rejected": state.rejected,
+    }
+    for extend in runtime.report_extenders:
+        extend(state.key, fields)
+    return fields
 
 
 def bound_healthy_domains(domains: dict[str, Any], max_healthy: int) -> dict[str, int]:

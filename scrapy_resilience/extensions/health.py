@@ -26,6 +26,7 @@ from scrapy_resilience import signals as resilience_signals
 from scrapy_resilience.core.circuit import CircuitState
 from scrapy_resilience.downloadermiddlewares.retry import CATEGORY_KEY, COUNTS_KEY
 from scrapy_resilience.extensions.memory import MemoryGuard
+from scrapy_resilience.report import domain_fields
 from scrapy_resilience.runtime import Runtime, _call_later
 from scrapy_resilience.settings import get_bool
 
@@ -286,22 +287,8 @@ class HealthMonitor:
         )
 
     def domain_fields(self, state: DomainState) -> dict[str, Any]:
-        """Return one domain's report fields: the registry's, then every extender's."""
-        circuit = state.circuit
-        fields: dict[str, Any] = {
-            "domain": state.key,
-            "state": circuit.state.value,
-            "given_up": circuit.given_up,
-            "give_up_reason": circuit.give_up_reason,
-            "attempts": state.attempts,
-            "successes": state.successes,
-            "failures": dict(state.failures or {}),
-            "circuit_opened": circuit.times_opened,
-            "rejected": state.rejected,
-        }
-        for extend in self.runtime.report_extenders:
-            extend(state.key, fields)
-        return fields
+        """Return one domain's report fields, with its key under ``domain``."""
+        return {"domain": state.key, **domain_fields(self.runtime, state)}
 
 
 def format_table(rows: Iterable[dict[str, Any]]) -> str:

@@ -8,7 +8,6 @@ other spiders of the project keep Scrapy's own HTTP handler.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
@@ -20,11 +19,11 @@ from twisted.python.failure import Failure
 
 from example_project.spiders.docs import (
     build_link_extractor,
+    count_failure,
     is_same_origin,
     start_urls_from_ready_file,
 )
 
-logger = logging.getLogger(__name__)
 
 #: Debian's ``chromium`` package installs the browser binary here;
 #: ``/usr/bin/chromium`` is a wrapper script that Playwright cannot drive.
@@ -126,14 +125,7 @@ class BrowserSpider(scrapy.Spider):
 
     def record_failure(self, failure: Failure) -> None:
         """Count a failed request in the ``browser/errback/<exception class>`` stat."""
-        error_name = type(failure.value).__name__
-        if self.crawler.stats is not None:
-            self.crawler.stats.inc_value(f"browser/errback/{error_name}")
-        request = getattr(failure, "request", None)
-        logger.debug(
-            "Request failed: %(url)s: %(error)s",
-            {"url": getattr(request, "url", "?"), "error": repr(failure.value)},
-        )
+        count_failure(self, failure)
 
     def _request(self, url: str) -> scrapy.Request | None:
         url = urldefrag(url).url

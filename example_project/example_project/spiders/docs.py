@@ -26,6 +26,19 @@ def build_link_extractor() -> LinkExtractor:
     return LinkExtractor(**LINK_EXTRACTOR_ARGS)
 
 
+def count_failure(spider: scrapy.Spider, failure: Failure) -> None:
+    """Count a failed request in the ``<spider name>/errback/<exception class>``
+    stat and log it at DEBUG."""
+    error_name = type(failure.value).__name__
+    if spider.crawler.stats is not None:
+        spider.crawler.stats.inc_value(f"{spider.name}/errback/{error_name}")
+    request = getattr(failure, "request", None)
+    logger.debug(
+        "Request failed: %(url)s: %(error)s",
+        {"url": getattr(request, "url", "?"), "error": repr(failure.value)},
+    )
+
+
 def is_same_origin(url: str, page_url: str) -> bool:
     """Return whether ``url`` has the scheme, hostname and port of ``page_url``."""
     target = urlsplit(url)
@@ -103,14 +116,7 @@ class DocsSpider(scrapy.Spider):
 
     def record_failure(self, failure: Failure) -> None:
         """Count a failed request in stats and log it at DEBUG; yield no item."""
-        error_name = type(failure.value).__name__
-        if self.crawler.stats is not None:
-            self.crawler.stats.inc_value(f"docs/errback/{error_name}")
-        request = getattr(failure, "request", None)
-        logger.debug(
-            "Request failed: %(url)s: %(error)s",
-            {"url": getattr(request, "url", "?"), "error": repr(failure.value)},
-        )
+        count_failure(self, failure)
 
     def _request(self, url: str) -> scrapy.Request | None:
         url = urldefrag(url).url
