@@ -24,7 +24,6 @@ from example_project.spiders.docs import (
     start_urls_from_ready_file,
 )
 
-
 #: Debian's ``chromium`` package installs the browser binary here;
 #: ``/usr/bin/chromium`` is a wrapper script that Playwright cannot drive.
 #: The ``CHROMIUM_EXECUTABLE`` environment variable names another Chromium build.
