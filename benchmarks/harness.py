@@ -169,7 +169,7 @@ def run_once(
     """Crawl ``scenario`` once with ``profile`` against a new site; return its metrics."""
     workdir.mkdir(parents=True, exist_ok=True)
     size = scenario.size(quick)
-    settings = settings_for(profile, scenario.settings)
+    settings = settings_for(profile, scenario.settings, scenario.memory_limit_mb)
     settings["CLOSESPIDER_TIMEOUT"] = scenario.time_limit
     settings["LOG_FILE"] = str(workdir / "crawl.log")
 

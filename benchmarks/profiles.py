@@ -55,6 +55,21 @@ def is_bundle(profile: str) -> bool:
     return "ADDONS" in PROFILE_SETTINGS[profile]
 
 
-def settings_for(profile: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Return the full settings of ``profile``, with a scenario's ``extra`` on top."""
-    return {**COMMON_SETTINGS, **PROFILE_SETTINGS[profile], **(extra or {})}
+def settings_for(
+    profile: str, extra: dict[str, Any] | None = None, memory_limit_mb: int = 0
+) -> dict[str, Any]:
+    """Return the full settings of ``profile``, with a scenario's ``extra`` on top.
+
+    A ``memory_limit_mb`` goes to the memory guard in bundle profiles and to
+    Scrapy's MemoryUsage in stock ones, both checked every half second, so each
+    side acts on the same limit as early as it can.
+    """
+    settings = {**COMMON_SETTINGS, **PROFILE_SETTINGS[profile], **(extra or {})}
+    if memory_limit_mb and is_bundle(profile):
+        settings["RESILIENCE_MEMORY_LIMIT_MB"] = memory_limit_mb
+        settings["RESILIENCE_MEMORY_CHECK_INTERVAL"] = 0.5
+        settings["RESILIENCE_MEMORY_FULL_SCAN_INTERVAL"] = 1
+    elif memory_limit_mb:
+        settings["MEMUSAGE_LIMIT_MB"] = memory_limit_mb
+        settings["MEMUSAGE_CHECK_INTERVAL_SECONDS"] = 0.5
+    return settings
