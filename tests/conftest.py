@@ -22,6 +22,22 @@ sys.path.insert(0, str(EXAMPLE_PROJECT))
 
 from faultsite.testing import RunningSite, start_site  # noqa: E402
 
+
+def _install_asyncio_reactor() -> None:
+    """Install Scrapy's default reactor in the test process.
+
+    Scrapy 2.13's ``get_crawler`` refuses to build a crawler without an
+    installed reactor; 2.14 and later do not need one, and accept it.
+    """
+    import twisted.internet
+    from scrapy.utils.reactor import install_reactor
+
+    if not hasattr(twisted.internet, "reactor"):
+        install_reactor("twisted.internet.asyncioreactor.AsyncioSelectorReactor")
+
+
+_install_asyncio_reactor()
+
 #: Settings every test crawl starts from: the add-on, the loopback guard, and
 #: short timings so a crawl through faults stays well under a minute.
 BASE_SETTINGS: dict[str, Any] = {
