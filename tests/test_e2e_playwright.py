@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -116,7 +117,11 @@ def test_browser_spider_renders_js_pages(site: Callable[..., RunningSite], tmp_p
         assert rendered[js_path(number)]["text"] == js_page_text(number)
 
     assert "Spider closed (finished)" in log
-    assert "'playwright/page_count/max_concurrent': 3" in log
+    # PLAYWRIGHT_MAX_PAGES_PER_CONTEXT = 3 bounds the pages open at once; how
+    # many were open together depends on timing, so only the bound is checked.
+    found = re.search(r"'playwright/page_count/max_concurrent': (\d+)", log)
+    assert found, "scrapy-playwright logged no page_count/max_concurrent stat"
+    assert 1 <= int(found.group(1)) <= 3
     stats = json.loads(report_path.read_text())["stats"]
     assert stats["resilience/playwright/browser_relaunches"] == 0
     # The guard measured the tree: the Scrapy process alone stays far below this.
