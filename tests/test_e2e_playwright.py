@@ -252,7 +252,11 @@ def test_leaked_pages_detected(
     assert result.stats["resilience/playwright/max_leaked_pages"] == JS_PAGES
     warnings = [line for line in result.log.splitlines() if "Browser pages are leaking" in line]
     assert len(warnings) == 1
-    assert f"{JS_PAGES} pages open but 0 requests in flight" in warnings[0]
+    # The warning comes at the first leak detected, when at least LEAK_MIN_PAGES
+    # of the pages are open; how many depends on timing. The peak is exact above.
+    found = re.search(r"(\d+) pages open but 0 requests in flight", warnings[0])
+    assert found, warnings[0]
+    assert 3 <= int(found.group(1)) <= JS_PAGES
 
 
 def test_leak_recycles_browser_without_loss(
