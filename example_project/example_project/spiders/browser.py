@@ -9,19 +9,14 @@ other spiders of the project keep Scrapy's own HTTP handler.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any, ClassVar
-from urllib.parse import urldefrag, urljoin
 
-import scrapy
 from scrapy.http import Response
-from twisted.python.failure import Failure
 
 from example_project.spiders.docs import (
-    build_link_extractor,
-    count_failure,
+    DocsSpider,
     is_same_origin,
-    start_urls_from_ready_file,
 )
 
 #: Debian's ``chromium`` package installs the browser binary here;
@@ -52,7 +47,7 @@ LAUNCH_OPTIONS: dict[str, Any] = {
 JS_SECTION = "/js/"
 
 
-class BrowserSpider(scrapy.Spider):
+class BrowserSpider(DocsSpider):
     """Render the JavaScript pages of one or more hosts and yield
     ``{"url", "title", "text"}`` per page, as the browser shows them.
 
@@ -66,6 +61,8 @@ class BrowserSpider(scrapy.Spider):
     """
 
     name = "browser"
+    entry_page = JS_SECTION + "index.html"
+    request_meta: ClassVar[dict[str, Any]] = {"playwright": True}
 
     custom_settings: ClassVar[dict[str, Any]] = {
         "DOWNLOAD_HANDLERS": {
@@ -87,29 +84,6 @@ class BrowserSpider(scrapy.Spider):
         "RESILIENCE_MEMORY_LIMIT_MB": 1024,
     }
 
-    def __init__(self, urls: str | None = None, site: str | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        start_urls = [url.strip() for url in (urls or "").split(",") if url.strip()]
-        if site:
-            start_urls.extend(
-                urljoin(url, JS_SECTION + "index.html") for url in start_urls_from_ready_file(site)
-            )
-        if not start_urls:
-            raise ValueError(
-                "spider 'browser' needs a start: pass -a urls=URL[,URL...] or -a site=READY_FILE"
-            )
-
-        self.start_urls = start_urls
-        self.link_extractor = build_link_extractor()
-        self.requested: set[str] = set()
-
-    async def start(self) -> AsyncIterator[scrapy.Request]:
-        """Yield a browser request for every start URL."""
-        for url in self.start_urls:
-            request = self._request(url)
-            if request is not None:
-                yield request
-
     def parse(self, response: Response, **kwargs: Any) -> Iterator[Any]:
         """Yield the rendered page's item, then a request per new link under ``/js/``."""
         title = response.css("title::text").get(default="").strip()
@@ -121,16 +95,3 @@ class BrowserSpider(scrapy.Spider):
                 request = self._request(link.url)
                 if request is not None:
                     yield request
-
-    def record_failure(self, failure: Failure) -> None:
-        """Count a failed request in the ``browser/errback/<exception class>`` stat."""
-        count_failure(self, failure)
-
-    def _request(self, url: str) -> scrapy.Request | None:
-        url = urldefrag(url).url
-        if url in self.requested:
-            return None
-        self.requested.add(url)
-        return scrapy.Request(
-            url, callback=self.parse, errback=self.record_failure, meta={"playwright": True}
-        )

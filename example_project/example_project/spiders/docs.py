@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import scrapy
@@ -76,14 +76,22 @@ class DocsSpider(scrapy.Spider):
 
     name = "docs"
 
+    #: Page each host of a ready file is entered through, relative to the host.
+    entry_page: ClassVar[str] = "index.html"
+    #: Meta of every request the spider makes.
+    request_meta: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, urls: str | None = None, site: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         start_urls = [url.strip() for url in (urls or "").split(",") if url.strip()]
         if site:
-            start_urls.extend(start_urls_from_ready_file(site))
+            start_urls.extend(
+                urljoin(url, self.entry_page) for url in start_urls_from_ready_file(site)
+            )
         if not start_urls:
             raise ValueError(
-                "spider 'docs' needs a start: pass -a urls=URL[,URL...] or -a site=READY_FILE"
+                f"spider {self.name!r} needs a start: pass -a urls=URL[,URL...] "
+                "or -a site=READY_FILE"
             )
 
         self.start_urls = start_urls
@@ -123,4 +131,6 @@ class DocsSpider(scrapy.Spider):
         if url in self.requested:
             return None
         self.requested.add(url)
-        return scrapy.Request(url, callback=self.parse, errback=self.record_failure)
+        return scrapy.Request(
+            url, callback=self.parse, errback=self.record_failure, meta=dict(self.request_meta)
+        )
