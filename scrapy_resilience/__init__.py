@@ -12,10 +12,12 @@ from scrapy_resilience.downloadermiddlewares.retry import BackoffRetryMiddleware
 from scrapy_resilience.exceptions import CircuitOpenError, ContentRejectedError, InvalidSettingError
 from scrapy_resilience.extensions.health import HealthMonitor
 from scrapy_resilience.extensions.memory import MemoryGuard
+from scrapy_resilience.extensions.throttle import AdaptiveThrottle
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaptiveThrottle",
     "Addon",
     "AttemptObserverMiddleware",
     "BackoffRetryMiddleware",

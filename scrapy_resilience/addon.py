@@ -20,6 +20,7 @@ from scrapy_resilience.exceptions import InvalidSettingError
 from scrapy_resilience.extensions.health import HealthMonitor
 from scrapy_resilience.extensions.memory import MemoryGuard
 from scrapy_resilience.extensions.playwright import PlaywrightMonitor
+from scrapy_resilience.extensions.throttle import AdaptiveThrottle
 from scrapy_resilience.settings import load_config
 
 if TYPE_CHECKING:
@@ -57,8 +58,8 @@ def _disable_component(settings: BaseSettings, name: str, component: type) -> No
 
 class Addon:
     """Enable the circuit breaker, the backoff retry and the request hold at
-    fixed priorities, in place of Scrapy's ``RetryMiddleware``, and the memory
-    guard and health monitor extensions."""
+    fixed priorities, in place of Scrapy's ``RetryMiddleware``, and the adaptive
+    throttle, memory guard and health monitor extensions."""
 
     def update_settings(self, settings: BaseSettings) -> None:
         # Validate everything now, so a bad value stops the crawl before it starts.
@@ -83,6 +84,8 @@ class Addon:
             settings.set_in_component_priority_dict(
                 extensions, PlaywrightMonitor, EXTENSION_PRIORITY
             )
+        # Adaptive throttle.
+        settings.set_in_component_priority_dict(extensions, AdaptiveThrottle, EXTENSION_PRIORITY)
 
         self._warn_memusage(settings, config.memory_limit_mb, config.memory_enabled)
 

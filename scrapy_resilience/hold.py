@@ -149,7 +149,7 @@ class RequestHold:
         return count
 
     def only_open_domains_left(self) -> bool:
-        """Whether every held request belongs to a domain whose circuit is open."""
+        """Return whether every held request belongs to a domain whose circuit is open."""
         registry = self.runtime.registry
         for key, hold in self._domains.items():
             if not len(hold):

@@ -182,16 +182,16 @@ class Runtime:
         return self._per_domain_limit
 
     def suspect_limit(self) -> int:
-        """How many requests all suspect domains together may have unfinished."""
+        """Return how many requests all suspect domains together may have unfinished."""
         total = self.crawler.settings.getint("CONCURRENT_REQUESTS")
         engine = self.crawler.engine
         if engine is not None and engine.downloader.total_concurrency > 0:
             total = engine.downloader.total_concurrency
         return max(1, int(total * self.config.unproven_share))
 
-    def verdict(self, state: DomainState, now: float) -> Verdict:
+    def verdict(self, state: DomainState, now: float, *, paced: bool = True) -> Verdict:
         return self.registry.verdict(
-            state, now, self.per_domain_limit(state.key), self.suspect_limit()
+            state, now, self.per_domain_limit(state.key), self.suspect_limit(), paced=paced
         )
 
     def verdict_for_release(self, state: DomainState, now: float) -> Verdict | None:
@@ -298,8 +298,8 @@ class Runtime:
     def _sweep(self) -> None:
         """Finish admitted requests the downloader no longer has.
 
-        Every path that ends a request calls :meth:`finish`; this catches a
-        middleware that returned a request or response past our hooks, so
+        Every path that ends a request calls :meth:`finish`. The sweep catches a
+        middleware that returned a request or response past those hooks, so
         in-flight counts cannot leak.
         """
         engine = self.crawler.engine

@@ -21,6 +21,7 @@ from scrapy.utils.misc import load_object
 from scrapy_resilience.core.backoff import JITTER_MODES, Backoff
 from scrapy_resilience.core.circuit import CircuitConfig
 from scrapy_resilience.core.classify import Category
+from scrapy_resilience.core.throttle import ThrottleRules
 from scrapy_resilience.exceptions import InvalidSettingError
 
 if TYPE_CHECKING:
@@ -90,6 +91,12 @@ DEFAULTS: dict[str, Any] = {
     "RESILIENCE_PLAYWRIGHT_RECYCLE": False,
     "RESILIENCE_PLAYWRIGHT_RECYCLE_TIMEOUT": 60.0,
     "RESILIENCE_PLAYWRIGHT_RECYCLE_MIN_INTERVAL": 60.0,
+    # Adaptive throttle.
+    "RESILIENCE_THROTTLE_TARGET_CONCURRENCY": 1.0,
+    "RESILIENCE_THROTTLE_MIN_DELAY": 0.5,
+    "RESILIENCE_THROTTLE_START_DELAY": 1.0,
+    "RESILIENCE_THROTTLE_DEBUG": False,
+    "RESILIENCE_THROTTLE_BROWSER_LATENCY": True,
 }
 
 
@@ -367,6 +374,38 @@ def _playwright_config(settings: BaseSettings) -> PlaywrightConfig:
 
 
 @dataclass(frozen=True)
+class ThrottleConfig:
+    """Adaptive throttle settings, read from ``RESILIENCE_THROTTLE_*``.
+
+    ``rules`` contains the numbers of the delay rules. ``debug`` logs each
+    adjustment at INFO, and ``browser_latency`` lets the latency of attempts
+    rendered by scrapy-playwright enter the latency rule.
+    """
+
+    rules: ThrottleRules
+    debug: bool
+    browser_latency: bool
+
+
+def _throttle_config(settings: BaseSettings) -> ThrottleConfig:
+    rules = ThrottleRules(
+        target_concurrency=get_float(
+            settings, "RESILIENCE_THROTTLE_TARGET_CONCURRENCY", 0, exclusive_minimum=True
+        ),
+        min_delay=get_float(settings, "RESILIENCE_THROTTLE_MIN_DELAY", 0),
+        start_delay=get_float(
+            settings, "RESILIENCE_THROTTLE_START_DELAY", 0, exclusive_minimum=True
+        ),
+        max_delay=get_float(settings, "RESILIENCE_THROTTLE_MAX_DELAY", 0, exclusive_minimum=True),
+    )
+    return ThrottleConfig(
+        rules=rules,
+        debug=get_bool(settings, "RESILIENCE_THROTTLE_DEBUG"),
+        browser_latency=get_bool(settings, "RESILIENCE_THROTTLE_BROWSER_LATENCY"),
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     """Every ``RESILIENCE_*`` setting, validated."""
 
@@ -392,6 +431,8 @@ class Config:
     report_max_healthy_domains: int
     # scrapy-playwright support.
     playwright: PlaywrightConfig
+    # Adaptive throttle.
+    throttle: ThrottleConfig
 
 
 def _circuit_config(settings: BaseSettings) -> CircuitConfig:
@@ -481,4 +522,6 @@ def load_config(settings: BaseSettings) -> Config:
         report_max_healthy_domains=get_int(settings, "RESILIENCE_REPORT_MAX_HEALTHY_DOMAINS", 0),
         # scrapy-playwright support.
         playwright=_playwright_config(settings),
+        # Adaptive throttle.
+        throttle=_throttle_config(settings),
     )

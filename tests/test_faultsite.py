@@ -187,6 +187,18 @@ def run_cli(args: list[str], timeout: float = 10) -> subprocess.CompletedProcess
         ({"name": "h5", "profile": "healthy", "latency": [0.5, 0.1]}, ["h5", "latency"]),
         ({"name": "h6", "profile": "slow"}, ["h6", "profile"]),
         ({"name": "h7", "hostname": "h7.test", "profile": "recovering"}, ["h7", "fail_mode"]),
+        (
+            {"name": "h8", "profile": "healthy", "latency_schedule": [[5, 0.1], [3, 0.2]]},
+            ["h8", "latency_schedule"],
+        ),
+        (
+            {"name": "h9", "profile": "healthy", "latency_schedule": [[0, -0.1]]},
+            ["h9", "latency_schedule"],
+        ),
+        (
+            {"name": "h10", "profile": "healthy", "latency_schedule": [[1.5, 0.1]]},
+            ["h10", "latency_schedule"],
+        ),
     ],
 )
 def test_bad_config_names_host_and_key(
@@ -285,6 +297,33 @@ def test_log_times_bracket_response(shared_site: RunningSite) -> None:
     # The server reads its clock just after the kernel took the response, so the
     # client may read the response a little earlier. One second is a margin for load.
     assert record["answered"] < after + 1.0
+
+
+def test_latency_schedule_changes_latency(tmp_path: Path) -> None:
+    schedule = [[0, 0.0], [2, [0.3, 0.3]], [4, 0.0]]
+    config = {
+        "root": "generated",
+        "pages": 5,
+        "hosts": [
+            {
+                "name": "slowing",
+                "address": "127.0.0.2",
+                "profile": "healthy",
+                "latency_schedule": schedule,
+            }
+        ],
+    }
+    with start_site(config, tmp_path) as site:
+        for _ in range(5):
+            status, _headers, _body = get(site, "slowing", "/index.html")
+            assert status == 200
+        records = site.wait_for_requests(5, "slowing")
+
+    durations = [record["answered"] - record["arrival"] for record in records]
+    # Requests 3 and 4 follow the host's first 2 requests; request 5 follows its first 4.
+    assert [duration >= 0.3 for duration in durations] == [False, False, True, True, False]
+    # A margin for a loaded machine: the fast responses take no scheduled time.
+    assert max(durations[:2] + durations[4:]) < 0.2
 
 
 def test_keep_alive_serves_several_requests(shared_site: RunningSite) -> None:

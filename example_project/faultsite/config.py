@@ -11,7 +11,8 @@ Site keys: ``seed`` (1), ``root`` (the Python docs if installed, else
 ``port`` (0: pick one), ``dead_address`` and ``hosts``. A host has a ``name``, a
 ``profile``, and an ``address`` in 127.0.0.0/8 (assigned from 127.0.0.2 up when
 missing), or a ``hostname`` served by ``Host`` header at 127.0.0.1. Options, with
-defaults (every profile also takes ``latency`` and ``robots_txt``):
+defaults (every profile also takes ``latency``, ``latency_schedule`` and
+``robots_txt``):
 
 - ``flaky``: ``rate`` 0.3 (the fraction of attempts that get a 503), ``retry_after`` null;
 - ``rate_limited``: ``rate`` 5 (tokens per second), ``burst`` 5, ``retry_after`` 1,
@@ -24,6 +25,14 @@ defaults (every profile also takes ``latency`` and ``robots_txt``):
 - ``ban`` and ``reset``: ``rate`` 1.0; ``reset`` also takes ``reset_delay`` 0 (a
   stall in seconds before the reset);
 - ``healthy``, ``dead`` and ``blackhole``: none.
+
+``latency`` is seconds, or ``[minimum, maximum]`` for a per-page pick in that
+range. ``latency_schedule`` changes it during a run: a list of
+``[count, latency]`` steps with increasing counts, where each step applies to
+the requests that follow the host's first ``count`` requests, so
+``[[0, 0.01], [30, 0.5], [60, 0.01]]`` answers requests 31 to 60 in 0.5 s and
+the others in 0.01 s. Counting requests rather than seconds keeps a run
+repeatable however fast the client is.
 
 Every error is a ``ConfigError`` whose message names the host and the key.
 """
@@ -146,6 +155,31 @@ def _latency(where: str, key: str, value: Any) -> tuple[float, float]:
     )
 
 
+def _latency_schedule(
+    where: str, key: str, value: Any
+) -> tuple[tuple[int, tuple[float, float]], ...]:
+    expected = (
+        "expected a list of [count, latency] steps with whole counts of 0 or more in "
+        "increasing order, and latencies in seconds or [minimum, maximum]"
+    )
+    if not isinstance(value, (list, tuple)):
+        raise _fail(where, key, value, expected)
+    steps: list[tuple[int, tuple[float, float]]] = []
+    for step in value:
+        if not (isinstance(step, (list, tuple)) and len(step) == 2):
+            raise _fail(where, key, value, expected)
+        count, latency = step
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            raise _fail(where, key, value, expected)
+        if steps and count <= steps[-1][0]:
+            raise _fail(where, key, value, expected)
+        try:
+            steps.append((count, _latency(where, key, latency)))
+        except ConfigError:
+            raise _fail(where, key, value, expected) from None
+    return tuple(steps)
+
+
 def _optional_text(where: str, key: str, value: Any) -> str | None:
     if value is not None and not isinstance(value, str):
         raise _fail(where, key, value, "expected a string or null")
@@ -198,6 +232,7 @@ _PROFILE_OPTIONS: dict[str, dict[str, tuple[Any, Validator]]] = {
 
 _COMMON_OPTIONS: dict[str, tuple[Any, Validator]] = {
     "latency": ((0.0, 0.0), _latency),
+    "latency_schedule": ((), _latency_schedule),
     "robots_txt": (None, _optional_text),
     "redirects": ((), _redirects),
 }
@@ -218,6 +253,7 @@ class HostConfig:
     hostname: str | None = None
     port: int | None = None
     latency: tuple[float, float] = (0.0, 0.0)
+    latency_schedule: tuple[tuple[int, tuple[float, float]], ...] = ()
     robots_txt: str | None = None
     rate: float = 0.0
     burst: int = 0

@@ -43,6 +43,7 @@ class HostState:
         self.address = address
         self.port = port
         self.attempts: dict[str, int] = {}
+        self.received = 0
         self.bucket: TokenBucket | None = None
         if config.profile == "rate_limited":
             self.bucket = TokenBucket(config.rate, config.burst, config.penalize_rejected)
@@ -53,7 +54,7 @@ class HostState:
         return self.config.profile == "recovering" and self.config.fail_mode == "refuse"
 
     def failing(self, now: float, started: float) -> bool:
-        """Whether a recovering host is still in its failure window."""
+        """Return whether a recovering host is still in its failure window."""
         if self.config.profile != "recovering":
             return False
         if self.config.fail_until_file is not None:
@@ -64,7 +65,18 @@ class HostState:
         """Count a request for the path and return its attempt number, from 1."""
         attempt = self.attempts.get(path, 0) + 1
         self.attempts[path] = attempt
+        self.received += 1
         return attempt
+
+    def latency_range(self) -> tuple[float, float]:
+        """Return the latency range of the request counted last: the last step of
+        ``latency_schedule`` that the requests before it reached, else ``latency``."""
+        latency = self.config.latency
+        for count, step_latency in self.config.latency_schedule:
+            if count >= self.received:
+                break
+            latency = step_latency
+        return latency
 
 
 def decide(

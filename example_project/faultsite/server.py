@@ -393,7 +393,7 @@ class Site:
         )
 
         latency = pick_latency(
-            self.config.seed, host.config.name, request.target, host.config.latency
+            self.config.seed, host.config.name, request.target, host.latency_range()
         )
         if latency > 0:
             await asyncio.sleep(latency)

@@ -140,7 +140,7 @@ class Circuit:
         return max(1, self.config.failure_threshold - self.consecutive_failures)
 
     def can_probe(self) -> bool:
-        """Whether a half-open circuit has a probe slot free."""
+        """Return whether a half-open circuit has a probe slot free."""
         return (
             self.state is CircuitState.HALF_OPEN
             and self.probes_in_flight < self.config.half_open_probes
@@ -170,7 +170,7 @@ class Circuit:
     def record_failure(
         self, category: Category, now: float, rng: random.Random, *, probe: bool = False
     ) -> Transition | None:
-        """Record a failed attempt and open the circuit when a rule says so."""
+        """Record a failed attempt, and open the circuit when a rule calls for it."""
         if category not in WINDOW_CATEGORIES:
             if probe:
                 self.end_probe_without_verdict()

@@ -43,7 +43,7 @@ class Verdict(NamedTuple):
 
 
 class DomainState:
-    """Everything the bundle knows about one domain."""
+    """Per-domain state: circuit, pause, pacing, in-flight counts and counters."""
 
     __slots__ = (
         "after_pause",
@@ -162,9 +162,19 @@ class DomainRegistry:
     # Admission
 
     def verdict(
-        self, state: DomainState, now: float, per_domain_limit: int, suspect_limit: int
+        self,
+        state: DomainState,
+        now: float,
+        per_domain_limit: int,
+        suspect_limit: int,
+        *,
+        paced: bool = True,
     ) -> Verdict:
-        """Decide whether a request for ``state``'s domain may start now."""
+        """Decide whether a request for ``state``'s domain may start now.
+
+        ``paced=False`` exempts the request from the domain's pacing delay
+        (``resilience_dont_throttle``); pauses and in-flight bounds still apply.
+        """
         self.poll(state, now)
         circuit = state.circuit
         if circuit.given_up:
@@ -176,9 +186,10 @@ class DomainRegistry:
             return Verdict(Decision.HOLD, "open", circuit.open_until)
 
         allowance = circuit.allowance(per_domain_limit)
-        if state.delay > 0 or state.after_pause:
+        delayed = paced and state.delay > 0
+        if delayed or state.after_pause:
             allowance = min(allowance, 1)
-        if state.delay > 0 and now < state.next_admit_at:
+        if delayed and now < state.next_admit_at:
             return Verdict(Decision.HOLD, "paced", state.next_admit_at)
         if state.inflight >= allowance:
             return Verdict(Decision.HOLD, "busy")
@@ -186,10 +197,14 @@ class DomainRegistry:
             return Verdict(Decision.HOLD, "unproven")
         return Verdict(Decision.ADMIT, probe=circuit.state is CircuitState.HALF_OPEN)
 
-    def admit(self, state: DomainState, now: float) -> bool:
-        """Count an admitted request; return whether it counts as suspect."""
+    def admit(self, state: DomainState, now: float, *, paced: bool = True) -> bool:
+        """Count an admitted request; return whether it counts as suspect.
+
+        A request admitted with ``paced=False`` does not move the domain's
+        next admission time.
+        """
         state.inflight += 1
-        if state.delay > 0:
+        if paced and state.delay > 0:
             state.next_admit_at = next_admission_time(now, state.delay, self.pace_jitter, self.rng)
         suspect = state.circuit.suspect
         if suspect:

@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 #: Meta key that lets a request bypass the circuit breaker and admission.
 DONT_CIRCUIT = "resilience_dont_circuit"
 
+#: Meta key that exempts a request from its domain's pacing delay.
+DONT_THROTTLE = "resilience_dont_throttle"
+
 
 class HeldBackError(CircuitOpenError):
     """Raised at the handler for an attempt its domain can no longer take.
@@ -76,10 +79,11 @@ class CircuitBreakerMiddleware:
         key = runtime.domain_key(request)
         state = runtime.domain(key)
         now = runtime.clock()
-        verdict = runtime.verdict(state, now)
+        paced = not request.meta.get(DONT_THROTTLE)
+        verdict = runtime.verdict(state, now, paced=paced)
 
         if verdict.decision is Decision.ADMIT:
-            suspect = runtime.registry.admit(state, now)
+            suspect = runtime.registry.admit(state, now, paced=paced)
             track = Track(key, scheduled, admitted=True, suspect=suspect, probe=verdict.probe)
             runtime.track_admitted(request, track)
             return None
