@@ -23,11 +23,13 @@ from urllib.parse import urlsplit
 from benchmarks.scenarios import Host, Size, build_hosts, page_paths
 from scrapy_resilience.settings import DEFAULTS
 
-#: Seconds after a rate-limited host's first request before its throughput counts
-#: as settled: the bucket's initial burst and the first 429s fall before it.
-SETTLE_SECONDS = 5.0
+#: Share of a rate-limited host's crawl, from its first request to its last served
+#: one, after which it counts as settled. The bucket's initial burst and the
+#: client's search for the allowed pace fall in the first half, whatever the
+#: profile and however long it took.
+SETTLE_SHARE = 0.5
 
-#: Settled windows shorter than this give no throughput figure, in seconds.
+#: Settled windows shorter than this give no figures, in seconds.
 MIN_SETTLED_WINDOW = 2.0
 
 REJECTION_STATUSES = (429, 503)
@@ -172,6 +174,7 @@ def _server_metrics(hosts: list[Host], by_host: dict[str, list[dict[str, Any]]])
     inside = 0
     rejections = 0
     settled: list[float] = []
+    settled_rejected: list[float] = []
     for host in hosts:
         entries = by_host.get(host.name, [])
         arrivals = [entry["arrival"] for entry in entries]
@@ -184,15 +187,17 @@ def _server_metrics(hosts: list[Host], by_host: dict[str, list[dict[str, Any]]])
         gaps.extend(_gaps_after(rejected, arrivals))
         inside += _inside_windows(rejected, arrivals)
         if host.profile == "rate_limited":
-            ratio = _settled_ratio(entries, float(host.options["rate"]))
-            if ratio is not None:
-                settled.append(ratio)
+            window = _settled_window(entries)
+            if window is not None:
+                settled.append(_settled_ratio(entries, window, float(host.options["rate"])))
+                settled_rejected.append(_settled_rejected_share(entries, window))
 
     return {
         "rejections": rejections,
         "min_gap_after_rejection_s": min(gaps) if gaps else None,
         "inside_retry_after": inside,
         "settled_rate_ratio": min(settled) if settled else None,
+        "settled_rejected_share": max(settled_rejected) if settled_rejected else None,
     }
 
 
@@ -246,24 +251,43 @@ def _sent_inside_windows(record: dict[str, Any]) -> int | None:
     return len(inside)
 
 
-def _settled_ratio(entries: list[dict[str, Any]], rate: float) -> float | None:
-    """Return the served rate once settled, as a fraction of the allowed ``rate``.
+def _settled_window(entries: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """Return the settled part of a rate-limited host's crawl as (start, end)
+    arrival times, or None when it is shorter than MIN_SETTLED_WINDOW.
 
-    Settled starts SETTLE_SECONDS after the host's first arrival and ends at its last
-    served request. Every served request counts (404s and redirects take a token
-    too).
+    It starts SETTLE_SHARE of the way from the host's first arrival to its last
+    served request, and ends at that request.
     """
-    if not entries:
-        return None
-    served = [entry["arrival"] for entry in entries if entry["outcome"] == "served"]
+    served = [float(entry["arrival"]) for entry in entries if entry["outcome"] == "served"]
     if not served:
-        return 0.0
-    start = float(entries[0]["arrival"]) + SETTLE_SECONDS
-    end = float(served[-1])
+        return None
+    first = float(entries[0]["arrival"])
+    end = served[-1]
+    start = first + SETTLE_SHARE * (end - first)
     if end - start < MIN_SETTLED_WINDOW:
         return None
-    count = sum(1 for when in served if start <= when <= end)
+    return start, end
+
+
+def _settled_ratio(
+    entries: list[dict[str, Any]], window: tuple[float, float], rate: float
+) -> float:
+    """Return the served rate in the settled window, as a fraction of the allowed
+    ``rate``. Every served request counts (404s and redirects take a token too)."""
+    start, end = window
+    count = sum(
+        1 for entry in entries if entry["outcome"] == "served" and start <= entry["arrival"] <= end
+    )
     return count / (end - start) / rate
+
+
+def _settled_rejected_share(entries: list[dict[str, Any]], window: tuple[float, float]) -> float:
+    """Return the share of the requests arriving in the settled window that
+    were rejected with 429 or 503."""
+    start, end = window
+    arrived = [entry for entry in entries if start <= entry["arrival"] <= end]
+    rejected = [entry for entry in arrived if entry["status"] in REJECTION_STATUSES]
+    return len(rejected) / len(arrived)
 
 
 def _faulty_requests(

@@ -109,7 +109,7 @@ def _recovering(count: int) -> HostGroup:
 
 _DEAD_HOST = Size(30, (_healthy(20), _DEAD, _BLACKHOLE))
 _FLAKY = Size(40, (_healthy(6), _flaky(4)))
-_RATE_LIMIT = Size(60, (_limited(3),))
+_RATE_LIMIT = Size(150, (_limited(3),))
 _RECOVERING = Size(30, (_healthy(4), _recovering(2)))
 _MIXED = Size(30, (_healthy(10), _DEAD, _BLACKHOLE, _flaky(2), _limited(2), _recovering(2)))
 
@@ -134,7 +134,7 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(
             "rate-limit",
             f"3 hosts allowing {RATE_LIMIT:g} requests/s (burst 4), else 429 with "
-            "Retry-After: 2, 60 pages each",
+            "Retry-After: 2, 150 pages each",
             _RATE_LIMIT,
             _RATE_LIMIT,
             time_limit=120,

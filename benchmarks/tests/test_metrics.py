@@ -174,19 +174,35 @@ def test_client_window_missing_in_old_record() -> None:
 
 
 def test_settled_rate_ratio() -> None:
-    # 2 requests/s allowed; after the 5 s settling time the host serves 1/s.
-    log = [entry("limited1", 100.0 + second) for second in range(16)]
+    # 2 requests/s allowed. The host is crawled from 100 to 120, so the settled
+    # half starts at 110, and from there it serves 1 request per second.
+    log = [entry("limited1", 100.0 + second) for second in range(21)]
     metrics = compute_metrics(SIZE, READY, log, make_record(), SETTINGS)
 
-    # Served from 105 to 115 inclusive: 11 requests in 10 s.
+    # Served from 110 to 120 inclusive: 11 requests in 10 s.
     assert metrics["settled_rate_ratio"] == pytest.approx(1.1 / 2)
 
 
+def test_settled_window_ignores_early_rejections() -> None:
+    # A burst of 429s at the start, then one rejection among the 11 requests
+    # of the settled half (110 to 120).
+    early = [
+        entry("limited1", 100.0 + tenth / 10, status=429, outcome="rejected") for tenth in range(10)
+    ]
+    late = [entry("limited1", 101.0 + second) for second in range(20)]
+    late[14] = entry("limited1", 115.0, status=429, outcome="rejected")
+    metrics = compute_metrics(SIZE, READY, early + late, make_record(), SETTINGS)
+
+    assert metrics["settled_rejected_share"] == pytest.approx(1 / 11)
+    assert metrics["rejections"] == 11
+
+
 def test_settled_rate_needs_a_window() -> None:
-    log = [entry("limited1", 100.0), entry("limited1", 106.0)]
+    log = [entry("limited1", 100.0), entry("limited1", 103.0)]
     metrics = compute_metrics(SIZE, READY, log, make_record(), SETTINGS)
 
     assert metrics["settled_rate_ratio"] is None
+    assert metrics["settled_rejected_share"] is None
 
 
 def test_tail_from_first_opening() -> None:
