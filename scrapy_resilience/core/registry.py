@@ -8,9 +8,10 @@ generator, so admission is tested without a reactor.
 from __future__ import annotations
 
 import enum
+import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, NamedTuple
 
 from scrapy_resilience.core.circuit import (
@@ -152,6 +153,12 @@ class DomainRegistry:
 
     def peek(self, key: str) -> DomainState | None:
         return self._domains.get(key)
+
+    def forget_evicted(self, records: MutableMapping[str, Any]) -> None:
+        """Delete the entries of ``records``, a component's own per-domain
+        records, whose domain the registry evicted."""
+        for key in [key for key in records if key not in self._domains]:
+            del records[key]
 
     def poll(self, state: DomainState, now: float) -> None:
         """Apply time-driven circuit changes (open time over)."""
@@ -327,8 +334,9 @@ class DomainRegistry:
         excess = len(self._domains) - self.max_domains
         if excess <= 0:
             return
-        # Scan the least recently used end only, so one call stays cheap.
-        for key in list(self._domains)[: excess + 64]:
+        # Scan the least recently used end only, so one call stays cheap
+        # however many domains are known.
+        for key in list(itertools.islice(self._domains, excess + 64)):
             if excess <= 0:
                 break
             if not self._domains[key].busy:
