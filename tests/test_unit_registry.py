@@ -174,6 +174,30 @@ def test_eviction_keeps_busy_domains() -> None:
     assert registry.evicted >= 40
 
 
+def test_eviction_evicts_least_recently_used() -> None:
+    registry = DomainRegistry(CircuitConfig(), rng=random.Random(1), max_domains=3)
+    for name in ("a.test", "b.test", "c.test"):
+        prove(registry, name)
+    registry.get("a.test")
+    prove(registry, "d.test")
+
+    assert registry.peek("b.test") is None
+    assert [state.key for state in registry] == ["c.test", "a.test", "d.test"]
+    assert registry.evicted == 1
+
+
+def test_forget_evicted_drops_records_of_evicted_domains() -> None:
+    registry = DomainRegistry(CircuitConfig(), rng=random.Random(1), max_domains=2)
+    records: dict[str, str] = {}
+    for name in ("a.test", "b.test", "c.test"):
+        prove(registry, name)
+        records[name] = name.upper()
+
+    registry.forget_evicted(records)
+
+    assert records == {"b.test": "B.TEST", "c.test": "C.TEST"}
+
+
 def test_snapshot_round_trip_keeps_pause_as_remaining_time() -> None:
     registry = make_registry(failure_threshold=1)
     state = registry.get("s.test")

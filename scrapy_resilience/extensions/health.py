@@ -171,10 +171,8 @@ class HealthMonitor:
         """Drop the records of domains the registry evicted, so memory stays
         bounded by ``RESILIENCE_REGISTRY_MAX_DOMAINS``."""
         registry = self.runtime.registry
-        if len(self.domains) <= len(registry):
-            return
-        for key in [key for key in self.domains if registry.peek(key) is None]:
-            del self.domains[key]
+        if len(self.domains) > len(registry):
+            registry.forget_evicted(self.domains)
 
     # The status line
 

@@ -292,10 +292,8 @@ class AdaptiveThrottle:
         cost spreads over the domains added since the last run.
         """
         registry = self.runtime.registry
-        if len(self.domains) <= len(registry) * 3 // 2 + 64:
-            return
-        for key in [key for key in self.domains if registry.peek(key) is None]:
-            del self.domains[key]
+        if len(self.domains) > len(registry) * 3 // 2 + 64:
+            registry.forget_evicted(self.domains)
 
 
 def _reportable(reported: float, delay: float) -> bool:
