@@ -50,6 +50,7 @@ def build_report(runtime: Runtime, spider: Spider, reason: str) -> dict[str, Any
         },
         "domains": domains,
         "healthy_domains_omitted": omitted,
+        "domains_evicted": runtime.registry.evicted,
         "unfinished": runtime.unfinished,
     }
 

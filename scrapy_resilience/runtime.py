@@ -398,6 +398,8 @@ class Runtime:
         elif held:
             self._record_unfinished(spider)
         self.hold.close()
+        if self.registry.evicted:
+            self.stats.set_value("resilience/registry/evicted", self.registry.evicted)
         write_report(self, spider, reason)
 
     def _record_unfinished(self, spider: Spider) -> None:

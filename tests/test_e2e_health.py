@@ -79,6 +79,8 @@ def test_report_fields_per_domain(
     domains = report["domains"]
     assert set(domains) == {OK, DEAD, FLAKY}
     assert report["healthy_domains_omitted"] == {"domains": 0, "attempts": 0}
+    assert report["domains_evicted"] == 0
+    assert "resilience/registry/evicted" not in result.stats
 
     # The dead host: a few refused attempts, an open circuit, then given up.
     dead = domains[DEAD]
@@ -168,3 +170,33 @@ def test_close_table_lists_worst_first(
     assert "given up" in first
     assert "requests: circuit_open" in first
     assert second.startswith(FLAKY)
+
+
+def test_report_counts_evicted_domains(
+    site: Callable[..., RunningSite], crawl: Callable[..., CrawlResult], tmp_path: Path
+) -> None:
+    names = ["one", "two", "three", "four"]
+    running = site(
+        [
+            {"name": name, "address": f"127.0.0.{index}", "profile": "healthy"}
+            for index, name in enumerate(names, start=2)
+        ],
+        pages=5,
+    )
+    report_file = tmp_path / "report.json"
+    settings = {
+        # One request at a time, so each host is idle when the next one starts.
+        "CONCURRENT_REQUESTS": 1,
+        "RESILIENCE_REGISTRY_MAX_DOMAINS": 1,
+        "RESILIENCE_REPORT_FILE": str(report_file),
+    }
+    result = crawl([running.url(name, "index.html") for name in names], settings, follow=False)
+
+    assert len(result.record["callbacks"]) == len(names)
+    report = json.loads(report_file.read_text())
+    evicted = report["domains_evicted"]
+    assert evicted >= 1
+    assert result.stats["resilience/registry/evicted"] == evicted
+    # Each host is in the report or was evicted (a host evicted twice counts twice).
+    assert set(report["domains"]) <= {f"127.0.0.{index}" for index in range(2, 6)}
+    assert len(report["domains"]) + evicted >= len(names)
