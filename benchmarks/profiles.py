@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from scrapy.settings import default_settings
+
 RESOLVER = "benchmarks.resolver.LoopbackResolver"
+
+#: The setting that names the resolver class: Scrapy 2.19 reads
+#: TWISTED_DNS_RESOLVER and warns that DNS_RESOLVER is deprecated, while 2.13
+#: to 2.18 read only DNS_RESOLVER.
+RESOLVER_SETTING = (
+    "TWISTED_DNS_RESOLVER" if hasattr(default_settings, "TWISTED_DNS_RESOLVER") else "DNS_RESOLVER"
+)
 
 #: Settings shared by every profile.
 COMMON_SETTINGS: dict[str, Any] = {
@@ -22,10 +31,7 @@ COMMON_SETTINGS: dict[str, Any] = {
     "DOWNLOADER_MIDDLEWARES": {"example_project.middlewares.LoopbackGuardMiddleware": 10},
     # Names under .test resolve to the fault site's virtual-host listener.
     "LOOPBACK_GUARD_ALLOWED_HOSTS": ["*.test"],
-    # Scrapy 2.19 reads TWISTED_DNS_RESOLVER; 2.13 to 2.18 read DNS_RESOLVER. With
-    # both set, 2.19 logs a deprecation warning and loads the same class.
-    "TWISTED_DNS_RESOLVER": RESOLVER,
-    "DNS_RESOLVER": RESOLVER,
+    RESOLVER_SETTING: RESOLVER,
     # DEBUG logs a line per request, which would dominate the CPU figures.
     "LOG_LEVEL": "INFO",
     "TELNETCONSOLE_ENABLED": False,

@@ -1,7 +1,8 @@
 """A DNS resolver for benchmark crawls that never queries real DNS.
 
 Scrapy loads its resolver class from ``TWISTED_DNS_RESOLVER`` (Scrapy 2.19) or
-``DNS_RESOLVER`` (2.13 to 2.18); set both to
+``DNS_RESOLVER`` (2.13 to 2.18); :data:`benchmarks.profiles.RESOLVER_SETTING`
+names the one the installed Scrapy reads, set to
 ``"benchmarks.resolver.LoopbackResolver"``. The class follows the interface of
 ``scrapy.resolver.CachingThreadedResolver``: ``from_crawler(crawler, reactor)``,
 ``install_on_reactor()`` and ``getHostByName(name, timeout)``.
