@@ -112,6 +112,14 @@ def setup(monkeypatch: pytest.MonkeyPatch) -> Callable[..., Setup]:
 # The status line
 
 
+def test_status_line_one_delayed_domain(setup: Callable[..., Setup]) -> None:
+    s = setup()
+    s.runtime.domain("slow.test").floor_delay = 1.0
+    s.runtime.domain("fast.test")
+
+    assert s.monitor.status()["delay"] == "1.00 s on 1 domain"
+
+
 def test_status_line_fields(setup: Callable[..., Setup], caplog: pytest.LogCaptureFixture) -> None:
     s = setup()
     for key in ("d.test", "b.test", "a.test", "c.test"):
@@ -313,6 +321,17 @@ def test_close_table_all_healthy(
     s.monitor.log_table(s.spider)
     messages = [r.getMessage() for r in caplog.records if r.name.endswith("health")]
     assert messages == ["Resilience: all 2 domains were healthy"]
+
+
+def test_close_line_one_healthy_domain(
+    setup: Callable[..., Setup], caplog: pytest.LogCaptureFixture
+) -> None:
+    s = setup()
+    s.succeed("ok.test")
+    caplog.set_level(logging.INFO, logger="scrapy_resilience.extensions.health")
+    s.monitor.log_table(s.spider)
+    messages = [r.getMessage() for r in caplog.records if r.name.endswith("health")]
+    assert messages == ["Resilience: the only domain was healthy"]
 
 
 def test_table_shows_latency_from_extenders() -> None:

@@ -264,11 +264,12 @@ class HealthMonitor:
         active = [state for state in self.runtime.registry if state.attempts]
         troubled = [self.domain_fields(state) for state in active if _is_troubled(state)]
         if not troubled:
-            logger.info(
-                "Resilience: all %(count)d domains were healthy",
-                {"count": len(active)},
-                extra={"spider": spider},
+            message = (
+                "Resilience: the only domain was healthy"
+                if len(active) == 1
+                else "Resilience: all %(count)d domains were healthy"
             )
+            logger.info(message, {"count": len(active)}, extra={"spider": spider})
             return
         troubled.sort(key=_severity, reverse=True)
         listed = troubled[: self.worst_domains]
@@ -351,6 +352,8 @@ def _first_domains(keys: list[str]) -> str:
 def _delay_range(delays: list[float]) -> str:
     if not delays:
         return "none"
+    if len(delays) == 1:
+        return f"{delays[0]:.2f} s on 1 domain"
     return f"{min(delays):.2f} to {max(delays):.2f} s on {len(delays)} domains"
 
 
