@@ -111,23 +111,17 @@ def source_revision() -> str | None:
     the repository.
     """
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        commit = _git_output("rev-parse", "--short", "HEAD")
+        changes = _git_output("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+changes" if changes else "")
+
+
+def _git_output(*args: str) -> str:
+    """Run a git command in the repository and return its stripped output."""
+    completed = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True)
+    return completed.stdout.strip()
 
 
 def repeats_for(scenario: Scenario, args: argparse.Namespace) -> int:
