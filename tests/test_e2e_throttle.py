@@ -40,7 +40,7 @@ def gaps(records: list[dict[str, Any]]) -> list[float]:
 
 def overlaps(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Return the pairs of consecutive requests where the second arrived before
-    the first was answered: two requests in flight at once."""
+    the site finished responding to the first, so both were in flight at once."""
     return [
         (a["path"], b["path"])
         for a, b in itertools.pairwise(records)

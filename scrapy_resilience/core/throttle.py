@@ -21,11 +21,11 @@ delay.
    to the same burst and change nothing. A paced domain also gets a knee, the
    delay where fast recovery stops. After at least :data:`SHORT_CYCLE`
    successful responses since the previous raise, the knee is the delay in force
-   plus :data:`KNEE_MARGIN`. After fewer, the pace was far too fast: the knee
-   is the geometric mean of the delay in force and the slowest delay at which
-   a response succeeded since the previous raise, at least the raised delay,
-   and the delay jumps to the knee. With no successful response since the
-   previous raise, the knee stays.
+   times ``1 + KNEE_MARGIN``. After fewer, the pace was far too fast. Then the
+   knee is the geometric mean of the delay in force and the slowest delay at
+   which a response succeeded since the previous raise, at least the raised
+   delay, and the delay jumps to the knee. With no successful response since
+   the previous raise, the knee stays.
 4. Recovery. Each successful response to an attempt that started after the
    previous raise lowers the throttled delay by
    :data:`FAST_RECOVERY` of itself while it is above the knee, but not below

@@ -115,7 +115,7 @@ class AdaptiveThrottle:
     def on_attempt(self, attempt: Attempt) -> None:
         """Apply one attempt to its domain's delay (see ``runtime.attempt_listeners``)."""
         if attempt.category is None and attempt.exception is not None:
-            # IgnoreRequest or a browser fault: nothing about the site.
+            # IgnoreRequest or a browser fault tells nothing about the site.
             return
 
         runtime = self.runtime
@@ -234,7 +234,8 @@ class AdaptiveThrottle:
         # raises must not stop the crawl.
         except Exception as error:
             logger.debug(
-                "Ignoring the robots.txt of %(domain)s: %(error)r",
+                "Failed to parse the robots.txt of %(domain)s, so its Crawl-delay is ignored: "
+                "%(error)r",
                 {"domain": state.key, "error": error},
                 extra={"spider": self.crawler.spider},
             )
